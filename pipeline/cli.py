@@ -1,0 +1,66 @@
+"""Shared CLI plumbing: seed-style option names with dashed aliases, ``--config`` YAML defaults,
+and one-line errors with exit code 2 for anything the user can fix."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from pipeline.errors import UserError
+
+
+def option(name: str, *extra: str, **kwargs: Any) -> Callable:
+    """``--model_name`` and ``--model-name`` both set ``model_name``."""
+    flags = [f"--{name}"]
+    if "_" in name:
+        flags.append(f"--{name.replace('_', '-')}")
+    return click.option(*flags, *extra, name, show_default=True, **kwargs)
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise click.BadParameter(f"cannot read '{value}' as YAML ({type(err).__name__}): fix the file") from err
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"'{value}' must be a YAML mapping of option: value")
+    known = {p.name for p in ctx.command.params}
+    config = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise click.BadParameter(
+            f"unknown key(s) {', '.join(unknown)} in '{value}'; valid keys: {', '.join(sorted(known - {'config'}))}"
+        )
+    ctx.default_map = {**(ctx.default_map or {}), **config}
+    return value
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
+    help="YAML file of option defaults (command-line flags win).",
+)
+
+
+def run_stage(fn: Callable) -> Callable:
+    """Turn a UserError into `error: ...` on stderr and exit 2; configure logging once."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,34 @@
+"""The interface every generation backend implements: token ids in, token ids out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # without the stop token
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    seed: int  # per request, so backends that can seed requests individually never repeat samples
+
+
+class GenerationBackend(Protocol):
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        """One completion per request, in order; ``params.max_new_tokens`` is ignored in favour of
+        each request's own budget."""
+        ...

