@@ -25,8 +25,8 @@ def stage_dir(out_dir: str | Path, task_name: str, model_slug: str) -> Path:
 def ensure_writable_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
     except OSError as err:
         raise UserError(f"cannot write to '{path}' ({err.strerror}): pass a writable --out_dir") from err
     return path

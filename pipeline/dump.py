@@ -1,0 +1,88 @@
+"""The stage-1 dump: parquet schema, key-value metadata, reading a file or a directory of parts.
+
+Layout: ``rollout_dump/<task>/<model>/rollouts_<tag>/part-<chunk>.parquet`` plus
+``rollouts_metadata.json`` in the same directory. Stage 2 reads it through ``read_dump``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+
+SCHEMA_VERSION = "1"
+META_PREFIX = "rvg."
+
+BASE_FIELDS = [
+    ("prompt_id", pa.int64()),
+    ("prompt_text", pa.string()),
+    ("prompt_token_ids", pa.list_(pa.int32())),
+    ("task_name", pa.string()),
+    ("level", pa.int16()),
+    ("answer", pa.string()),
+    ("group_id", pa.int64()),
+    ("completion_id", pa.int16()),
+    ("pair_id", pa.int16()),
+    ("sister", pa.int8()),
+    ("split_token_idx", pa.int32()),
+    ("degenerate", pa.bool_()),
+    ("completion_token_ids", pa.list_(pa.int32())),
+    ("completion_text", pa.string()),
+    ("num_completion_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("reward", pa.float64()),
+    ("reward_group_mean", pa.float64()),
+    ("reward_group_var", pa.float64()),
+]
+REQUIRED_COLUMNS = [name for name, _ in BASE_FIELDS]
+
+
+def schema_for(reward_names: list[str], kv: dict[str, Any]) -> pa.Schema:
+    fields = list(BASE_FIELDS)
+    for name in reward_names:
+        fields += [(f"reward_{name}", pa.float64()), (f"reward_{name}_group_mean", pa.float64()),
+                   (f"reward_{name}_group_var", pa.float64())]
+    metadata = {f"{META_PREFIX}{k}": json.dumps(v) for k, v in kv.items()}
+    metadata[f"{META_PREFIX}schema_version"] = json.dumps(SCHEMA_VERSION)
+    return pa.schema(fields, metadata=metadata)
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """Vocabulary size + hash of the token->id map: two tokenizers with equal fingerprints tokenise alike."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+    return {"vocab_size": len(vocab), "vocab_sha256": digest}
+
+
+def dump_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if files:
+            return files
+        raise UserError(f"'{path}' holds no .parquet files: point --rollouts at a stage-1 dump")
+    raise UserError(f"rollouts '{path}' not found: run generate_paired_rollouts.py first or fix the path")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The key-value metadata (model name, reward names, tokenizer fingerprint, ...) of a dump."""
+    raw = pq.read_schema(dump_files(path)[0]).metadata or {}
+    return {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in raw.items()
+            if k.decode().startswith(META_PREFIX)}
+
+
+def read_dump(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    files = dump_files(path)
+    try:
+        tables = [pq.read_table(f, columns=columns) for f in files]
+    except (pa.ArrowInvalid, KeyError, OSError) as err:
+        raise UserError(f"cannot read rollouts '{path}': {err}") from err
+    return pa.concat_tables(tables, promote_options="default")
