@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.answers import countdown_expression, evaluate_arithmetic, extract_tagged, has_one_answer_tag, math_equal
+from pipeline.answers import (
+    countdown_expression,
+    evaluate_arithmetic,
+    extract_tagged,
+    has_one_answer_tag,
+    math_equal,
+)
 
 
 def _countdown_parts(completion: str, numbers: list[int], target: int) -> tuple[bool, bool, bool]:

@@ -16,6 +16,21 @@ import yaml
 from pipeline.errors import UserError
 
 
+class StageCommand(click.Command):
+    """Usage errors (bad option value, unreadable --config) as one line and exit code 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            raise SystemExit(2) from err
+
+
+def stage_command() -> Callable:
+    return click.command(cls=StageCommand, context_settings={"help_option_names": ["-h", "--help"]})
+
+
 def option(name: str, *extra: str, **kwargs: Any) -> Callable:
     """``--model_name`` and ``--model-name`` both set ``model_name``."""
     flags = [f"--{name}"]

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.artifacts import atomic_write
 from pipeline.errors import UserError
 
 SCHEMA_VERSION = "1"
@@ -58,6 +59,11 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
     vocab = sorted(tokenizer.get_vocab().items())
     digest = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
     return {"vocab_size": len(vocab), "vocab_sha256": digest}
+
+
+def write_part(path: Path, table: pa.Table) -> Path:
+    """One chunk of the dump, atomically: a killed run leaves whole parts only."""
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def dump_files(path: str | Path) -> list[Path]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.errors import UserError
@@ -74,9 +76,24 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").exists():
             raise UserError(f"model directory '{name}' has no config.json: pass an HF model directory")
         return str(path)
-    if name.startswith((".", "/", "~")):
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model '{name}' not found: no such directory")
+    if try_to_load_from_cache(name, "config.json") is None and not _hub_reachable():
+        raise UserError(
+            f"model '{name}' is neither an alias ({', '.join(GGUF_ALIASES)}), a local directory, nor in the "
+            "HF cache, and the hub is unreachable: pass a local model directory"
+        )
     return name
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError:
+        return False
+    return True
 
 
 def _not_found(name: str, err: Exception) -> UserError:

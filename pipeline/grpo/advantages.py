@@ -43,8 +43,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
         return advantages
     if scale_rewards == "group":
         std = _group_std(grouped).repeat_interleave(group_size)
-    else:
-        std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    else:  # the whole batch as one group
+        std = _group_std(rewards.view(1, -1))
     return advantages / (std + STD_EPS)
 
 

@@ -24,30 +24,34 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# (per_token_loss masked by nothing yet, completion_mask, max_completion_length, num_items_in_batch) -> scalar
-Normalizer = Callable[[Tensor, Tensor, "int | None", "Tensor | float | None"], Tensor]
+# (per-token loss, completion_mask, max_completion_length, num_items_in_batch) -> scalar loss
+Normalizer = Callable[[Tensor, Tensor, int | None, Tensor | float | None], Tensor]
 # (ratio, advantages (B, 1), logps, epsilon_low, epsilon_high) -> (per-token loss, {metric: indicator tensor})
 Objective = Callable[[Tensor, Tensor, Tensor, float, float], tuple[Tensor, dict[str, Tensor]]]
 
 
-def sequence_mean(loss: Tensor, mask: Tensor, max_completion_length: int | None, num_items: Tensor | float | None) -> Tensor:
+def sequence_mean(
+    loss: Tensor, mask: Tensor, max_len: int | None, num_items: Tensor | float | None
+) -> Tensor:
     """grpo: mean over each sequence's tokens, then over sequences (favours short correct answers)."""
     return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
 
 
-def token_mean(loss: Tensor, mask: Tensor, max_completion_length: int | None, num_items: Tensor | float | None) -> Tensor:
+def token_mean(loss: Tensor, mask: Tensor, max_len: int | None, num_items: Tensor | float | None) -> Tensor:
     """bnpo: one mean over all loss tokens of the local batch."""
     return (loss * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def constant(loss: Tensor, mask: Tensor, max_completion_length: int | None, num_items: Tensor | float | None) -> Tensor:
+def constant(loss: Tensor, mask: Tensor, max_len: int | None, num_items: Tensor | float | None) -> Tensor:
     """dr_grpo: divide by B * max_completion_length, a constant, so no length bias."""
-    if max_completion_length is None:
+    if max_len is None:
         raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
-    return (loss * mask).sum() / (loss.size(0) * max_completion_length)
+    return (loss * mask).sum() / (loss.size(0) * max_len)
 
 
-def global_tokens(loss: Tensor, mask: Tensor, max_completion_length: int | None, num_items: Tensor | float | None) -> Tensor:
+def global_tokens(
+    loss: Tensor, mask: Tensor, max_len: int | None, num_items: Tensor | float | None
+) -> Tensor:
     """dapo: divide by the loss-token count of the whole step (all ranks, all micro-batches).
 
     ``num_items=None`` means this batch is the whole step, i.e. the local count.
@@ -56,7 +60,7 @@ def global_tokens(loss: Tensor, mask: Tensor, max_completion_length: int | None,
     return (loss * mask).sum() / normalizer.clamp(min=1.0)
 
 
-def sequence_sum(loss: Tensor, mask: Tensor, max_completion_length: int | None, num_items: Tensor | float | None) -> Tensor:
+def sequence_sum(loss: Tensor, mask: Tensor, max_len: int | None, num_items: Tensor | float | None) -> Tensor:
     """luspo: sum over each sequence's tokens (its loss scaled by its length), mean over sequences."""
     return (loss * mask).sum(-1).mean()
 
@@ -95,7 +99,11 @@ def clipped_surrogate(
     loss = -torch.min(ratio * advantages, clipped * advantages)
     low = (ratio < 1 - epsilon_low) & (advantages < 0)
     high = (ratio > 1 + epsilon_high) & (advantages > 0)
-    return loss, {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low | high}
+    return loss, {
+        "clip_ratio/low_mean": low,
+        "clip_ratio/high_mean": high,
+        "clip_ratio/region_mean": low | high,
+    }
 
 
 @register_policy_loss("cispo", global_tokens)
@@ -160,7 +168,9 @@ def compute_policy_loss(
     elif importance_sampling_level == "sequence":
         log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     else:
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+        raise ValueError(
+            f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}"
+        )
     ratio = torch.exp(log_weights)
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
 

@@ -1,0 +1,50 @@
+"""Stage 1: paired rollouts -> rollout_dump/<task>/<model>/rollouts_<tag>/ (parquet parts + metadata)."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli import config_option, option, run_stage, stage_command
+from pipeline.models import DEFAULT_MODEL
+
+
+def _levels(_ctx, _param, value) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in str(value).split(",") if v.strip() != "")
+    except ValueError as err:
+        raise click.BadParameter("give comma-separated integers, e.g. 0,1,2,3") from err
+
+
+@stage_command()
+@config_option
+@option("model_name", default=DEFAULT_MODEL, help="Alias, local HF directory or hub id.")
+@option("task_name", default="countdown", help="countdown, arithmetic, or a .jsonl/.parquet dataset path.")
+@option("group_size", type=int, default=8, help="Completions per group (even: G/2 pairs).")
+@option("groups_per_prompt", type=int, default=1, help="Groups per prompt (pooled statistics for stage 2).")
+@option("num_prompts", type=int, default=16, help="Prompts, spread round-robin over --levels.")
+@option("levels", default="0,1,2,3", callback=_levels, help="Difficulty levels, comma-separated.")
+@option("max_new_tokens", type=int, default=128)
+@option("temperature", type=float, default=1.0)
+@option("top_p", type=float, default=1.0)
+@option("seed", type=int, default=0)
+@option("rewards", default="", help="name=weight,... from rewards.py (default: the task's).")
+@option("split_quantile", type=float, default=0.9, help="t ~ U{0..quantile of other prompts' lengths}.")
+@option("max_split_tokens", type=int, default=None, help="Fixed t_max instead of the quantile rule.")
+@option("prompts_per_chunk", type=int, default=4, help="Prompts per written chunk (the unit of resume).")
+@option("backend", type=click.Choice(["hf"]), default="hf")
+@option("batch_size", type=int, default=32, help="Generation micro-batch size.")
+@option("out_dir", default="rollout_dump")
+@option("tag", default=None, help="Dump name (default: derived from the arguments).")
+@option("shard_index", type=int, default=0)
+@option("num_shards", type=int, default=1)
+@option("overwrite", is_flag=True, default=False, help="Delete an existing dump with the same arguments.")
+@run_stage
+def main(**kwargs) -> None:
+    """Generate G/2 pairs per group of rollouts that share a prefix of t tokens, with rewards."""
+    from pipeline.stage1 import Stage1Args, run
+
+    run(Stage1Args(**kwargs))
+
+
+if __name__ == "__main__":
+    main()

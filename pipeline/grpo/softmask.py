@@ -1,0 +1,137 @@
+"""Soft masks: per-token loss weights (B, T) for GRPO, one registered function per mode.
+
+A mode gives raw, non-negative weights; ``finalize`` turns them into the weights the loss uses.
+Inputs: ``f`` (B, T + 1) is the importance net's f(t) for t = 0..T (f(t) = share of the reward
+variance decided by the first t completion tokens, design section 1); ``entropies`` (B, T) is
+the policy's per-token entropy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+# (completion_mask, f, entropies, entropy_quantile) -> raw weights (B, T), >= 0
+RawWeights = Callable[[Tensor, Tensor | None, Tensor | None, float], Tensor]
+
+SOFTMASKS: dict[str, RawWeights] = {}
+TOP_FRACTION = 0.2  # weight_stats reports the weight share of each completion's top 20% tokens
+
+
+def register_softmask(name: str) -> Callable[[RawWeights], RawWeights]:
+    def decorator(fn: RawWeights) -> RawWeights:
+        if name in SOFTMASKS:
+            raise ValueError(f"soft mask {name!r} is already registered")
+        SOFTMASKS[name] = fn
+        return fn
+
+    return decorator
+
+
+def _importance(f: Tensor | None, mask: Tensor, mode: str) -> Tensor:
+    if f is None or f.dim() != 2 or f.shape != (mask.size(0), mask.size(1) + 1):
+        got = None if f is None else tuple(f.shape)
+        raise ValueError(
+            f"soft mask {mode!r} needs f of shape (B, T + 1) = {(mask.size(0), mask.size(1) + 1)}, got {got}"
+        )
+    return f
+
+
+@register_softmask("none")
+def uniform(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float) -> Tensor:
+    """Plain GRPO: every token counts the same."""
+    return torch.ones_like(mask)
+
+
+@register_softmask("delta")
+def delta(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float) -> Tensor:
+    """w_t = max(f(t+1) - f(t), 0): the share of the reward variance that token t decided."""
+    f = _importance(f, mask, "delta")
+    return (f[:, 1:] - f[:, :-1]).clamp(min=0)
+
+
+@register_softmask("variance")
+def remaining_variance(
+    mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float
+) -> Tensor:
+    """w_t = 1 - f(t): the share of the reward variance still open when token t is chosen."""
+    f = _importance(f, mask, "variance")
+    return (1 - f[:, :-1]).clamp(min=0)
+
+
+@register_softmask("entropy")
+def high_entropy(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float) -> Tensor:
+    """1 on the top ``entropy_quantile`` tokens of the batch by policy entropy, else 0 (the "80/20" baseline).
+
+    Same rule as TRL's ``get_high_entropy_mask`` with ``top_entropy_quantile``: keep valid tokens
+    with entropy >= the (1 - q) quantile of the valid tokens' entropies (over the local batch;
+    TRL gathers the entropies of all ranks first).
+    """
+    if entropies is None or entropies.shape != mask.shape:
+        raise ValueError(f"soft mask 'entropy' needs entropies of shape {tuple(mask.shape)}")
+    if not 0.0 < entropy_quantile <= 1.0:
+        raise ValueError(f"entropy_quantile must be in (0, 1], got {entropy_quantile}")
+    valid = mask.bool()
+    if not valid.any():
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(entropies[valid].float(), 1 - entropy_quantile)
+    return ((entropies >= threshold) & valid).to(mask.dtype)
+
+
+def finalize(raw: Tensor, mask: Tensor, strength: float) -> Tensor:
+    """Rescale raw weights to mean 1 over each completion's valid tokens, then mix with uniform.
+
+    w = strength * raw / mean(raw) + (1 - strength), and 0 on padding. Mean 1 per completion keeps
+    each completion's total gradient mass, hence the loss scale, the learning rate and TRL's
+    normalisers, exactly as in plain GRPO: the mask only moves credit between the tokens of one
+    completion (and all-ones weights give the plain loss bit for bit). A completion whose raw
+    weights are all 0 falls back to uniform. The weights are constants for the policy update.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"soft-mask strength must be in [0, 1], got {strength}")
+    raw = raw.detach() * mask
+    num_valid = mask.sum(-1, keepdim=True)
+    mass = raw.sum(-1, keepdim=True)
+    tiny = torch.finfo(raw.dtype).tiny
+    normalised = torch.where(mass > 0, raw * num_valid / mass.clamp(min=tiny), mask)
+    return (strength * normalised + (1 - strength)) * mask
+
+
+def soft_mask_weights(
+    mode: str,
+    completion_mask: Tensor,
+    strength: float = 1.0,
+    *,
+    f: Tensor | None = None,
+    entropies: Tensor | None = None,
+    entropy_quantile: float = 0.2,
+) -> Tensor:
+    """Per-token loss weights (B, T) of ``mode``, finalised (mean 1 per completion, 0 on padding)."""
+    if mode not in SOFTMASKS:
+        raise ValueError(f"unknown soft mask {mode!r}; registered: {sorted(SOFTMASKS)}")
+    mask = completion_mask.float()
+    return finalize(SOFTMASKS[mode](mask, f, entropies, entropy_quantile), mask, strength)
+
+
+def weight_stats(weights: Tensor, mask: Tensor) -> dict[str, float]:
+    """Mean and max weight over valid tokens, and the weight share of each completion's top 20% tokens.
+
+    ``top20_mass`` is averaged over completions: 0.2 for uniform weights (up to rounding of the
+    token count), near 1 when a few tokens carry all the credit.
+    """
+    valid = mask.bool()
+    if not valid.any():
+        return {"mean": float("nan"), "max": float("nan"), "top20_mass": float("nan")}
+    masked = weights * mask
+    num_valid = mask.sum(-1)
+    k = torch.ceil(TOP_FRACTION * num_valid).long().clamp(min=1)
+    top = masked.sort(dim=-1, descending=True).values.cumsum(-1).gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1)
+    total = masked.sum(-1)
+    rows = (num_valid > 0) & (total > 0)
+    return {
+        "mean": weights[valid].mean().item(),
+        "max": weights[valid].max().item(),
+        "top20_mass": (top[rows] / total[rows]).mean().item(),
+    }

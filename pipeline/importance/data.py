@@ -1,0 +1,239 @@
+"""Stage-2 data: pairs from the stage-1 dump, their standardised rewards, the split by prompt.
+
+One training example per non-degenerate pair: input = prompt + the shared prefix (the first
+``split_token_idx`` completion tokens), target = the two sisters' rewards standardised by the
+prompt's m_q and v_q (DESIGN.md section 1). Inputs come from the stored token ids, never from
+re-tokenised text, so the backbone must use the dump's tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.dump import dump_files, read_dump
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+GROUP_STATS = ("group", "prompt")
+VAR_EPS = 1e-10  # a group whose reward variance is below this carries no information about f
+PAIR_COLUMNS = ["prompt_id", "group_id", "pair_id", "sister", "split_token_idx", "degenerate",
+                "prompt_token_ids", "completion_token_ids"]
+
+
+def reward_column(reward_key: str, columns: list[str]) -> str:
+    """``reward`` or ``reward_<name>`` as stored; a bare reward-function name ``<name>`` is accepted too."""
+    keys = [c for c in columns if c.startswith("reward") and not c.endswith(("_group_mean", "_group_var"))]
+    for candidate in (reward_key, f"reward_{reward_key}"):
+        if candidate in keys:
+            return candidate
+    raise UserError(f"--reward_key '{reward_key}' is not a reward column of the rollouts; "
+                    f"choose one of: {', '.join(keys) or '(none)'}")
+
+
+@dataclass
+class Pairs:
+    """Parallel per-pair arrays (sister A's completion holds the shared prefix)."""
+
+    index: np.ndarray  # position in the full pair list: a stable key for caches
+    prompt_id: np.ndarray
+    group_id: np.ndarray
+    split: np.ndarray  # t, the number of shared completion tokens
+    prompt: list[np.ndarray]
+    completion: list[np.ndarray]  # sister A's whole completion
+    r1: np.ndarray
+    r2: np.ndarray
+    z1: np.ndarray
+    z2: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def subset(self, mask: np.ndarray) -> Pairs:
+        keep = np.flatnonzero(mask)
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            values[field.name] = [value[i] for i in keep] if isinstance(value, list) else value[keep]
+        return Pairs(**values)
+
+    def relative_position(self) -> np.ndarray:
+        """t / len(completion A), in [0, 1): where in the completion the split falls."""
+        return self.split / np.array([len(c) for c in self.completion], dtype=np.float64)
+
+
+def _require(path: str | Path, names: list[str], needed: list[str]) -> None:
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise UserError(f"rollouts '{path}' lack column(s) {', '.join(missing)}: "
+                        f"pass a dump written by generate_paired_rollouts.py")
+
+
+def load_pairs(path: str | Path, reward_key: str = "reward",
+               group_stats: str = "group") -> tuple[Pairs, dict[str, int]]:
+    """Every informative pair of the dump, plus counts of what was read and what was dropped and why.
+
+    ``group_stats``: m_q, v_q from the pair's own group (the stored ``<key>_group_mean/var``) or
+    pooled over every completion of the prompt in the dump (ddof=1, failed rewards skipped): more
+    samples shrink the plug-in bias of section 1's caveat.
+    """
+    if group_stats not in GROUP_STATS:
+        raise UserError(f"--group_stats must be one of {', '.join(GROUP_STATS)}, got '{group_stats}'")
+    names = pq.read_schema(dump_files(path)[0]).names
+    _require(path, names, PAIR_COLUMNS)
+    column = reward_column(reward_key, names)
+    stats_columns = [f"{column}_group_mean", f"{column}_group_var"] if group_stats == "group" else []
+    _require(path, names, stats_columns)
+    rows = read_dump(path, PAIR_COLUMNS + [column] + stats_columns).to_pandas()
+    if rows.empty:
+        raise UserError(f"rollouts '{path}' hold no rows: the stage-1 run wrote nothing, re-run it")
+    if group_stats == "group":
+        rows["m"], rows["v"] = rows[stats_columns[0]], rows[stats_columns[1]]
+    else:
+        by_prompt = rows.groupby("prompt_id")[column]
+        rows["m"], rows["v"] = by_prompt.transform("mean"), by_prompt.transform("var")
+
+    keys = ["group_id", "pair_id"]
+    a = rows[rows["sister"] == 0].set_index(keys)
+    b = rows[rows["sister"] == 1].set_index(keys)
+    a, b = a.align(b, join="inner", axis=0)
+    counts = {"rows": len(rows), "prompts": rows["prompt_id"].nunique(), "groups": rows["group_id"].nunique(),
+              "pairs": len(a), "pairs_incomplete": len(rows) - 2 * len(a)}
+
+    reasons = {
+        "degenerate": (a["degenerate"] | b["degenerate"]).to_numpy(),
+        "nonfinite": ~np.isfinite(a[[column, "m", "v"]].to_numpy()).all(1) | ~np.isfinite(b[column].to_numpy()),
+    }
+    reasons["zero_variance"] = ~reasons["nonfinite"] & (a["v"].to_numpy() <= VAR_EPS)
+    group_ids = a.index.get_level_values("group_id").to_numpy()
+    drop = np.zeros(len(a), dtype=bool)
+    for reason, mask in reasons.items():
+        mask = mask & ~drop
+        counts[f"pairs_{reason}"] = int(mask.sum())
+        if reason != "degenerate":
+            counts[f"groups_{reason}"] = int(len(np.unique(group_ids[mask])))
+        drop |= mask
+    a, b = a[~drop], b[~drop]
+    counts["pairs_kept"] = len(a)
+    if a.empty:
+        raise UserError(
+            f"rollouts '{path}' have no informative pair for '{column}' ({counts['pairs']} pairs: "
+            f"{counts['pairs_degenerate']} degenerate, {counts['pairs_nonfinite']} with non-finite rewards, "
+            f"{counts['pairs_zero_variance']} in zero-variance groups): the reward never varies within a "
+            f"group; use a task level the model sometimes solves, or another --reward_key"
+        )
+
+    split = a["split_token_idx"].to_numpy().astype(np.int64)
+    prompt = [np.asarray(p, dtype=np.int64) for p in a["prompt_token_ids"]]
+    completion = [np.asarray(c, dtype=np.int64) for c in a["completion_token_ids"]]
+    _check_prefixes(path, prompt, completion, [np.asarray(c) for c in b["completion_token_ids"]], split)
+    std = np.sqrt(a["v"].to_numpy())
+    m = a["m"].to_numpy()
+    pairs = Pairs(index=np.arange(len(a)), prompt_id=a["prompt_id"].to_numpy(),
+                  group_id=a.index.get_level_values("group_id").to_numpy(), split=split,
+                  prompt=prompt, completion=completion, r1=a[column].to_numpy(), r2=b[column].to_numpy(),
+                  z1=(a[column].to_numpy() - m) / std, z2=(b[column].to_numpy() - m) / std)
+    return pairs, counts
+
+
+def _check_prefixes(path: str | Path, prompt: list[np.ndarray], first: list[np.ndarray],
+                    second: list[np.ndarray], split: np.ndarray) -> None:
+    """The dump is only meaningful if sisters really share their first t tokens."""
+    if any(len(p) == 0 for p in prompt):
+        raise UserError(f"rollouts '{path}' contain an empty prompt_token_ids: f(0) needs a prompt token")
+    bad = sum(int(t > len(x) or t > len(y) or not np.array_equal(x[:t], y[:t]))
+              for x, y, t in zip(first, second, split))
+    if bad:
+        raise UserError(f"rollouts '{path}': {bad} non-degenerate pair(s) whose sisters do not share their "
+                        f"first split_token_idx completion tokens: the dump is corrupt, regenerate it")
+
+
+def split_by_prompt(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs, Pairs]:
+    """Held-out prompts, not held-out pairs: pairs of one prompt share m_q, v_q and often text."""
+    prompts = np.unique(pairs.prompt_id)
+    if len(prompts) < 2:
+        raise UserError("the rollouts' informative pairs come from a single prompt: a train/validation "
+                        "split by prompt needs at least 2; generate rollouts for more prompts")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = min(len(prompts) - 1, max(1, round(val_fraction * len(prompts))))
+    val_prompts = np.random.default_rng(seed).permutation(prompts)[:n_val]
+    is_val = np.isin(pairs.prompt_id, val_prompts)
+    return pairs.subset(~is_val), pairs.subset(is_val)
+
+
+class PairDataset(Dataset):
+    def __init__(self, pairs: Pairs) -> None:
+        self.pairs = pairs
+        self.relative = pairs.relative_position()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        p = self.pairs
+        return {"input_ids": np.concatenate([p.prompt[i], p.completion[i][: p.split[i]]]),
+                "z1": p.z1[i], "z2": p.z2[i], "relative": self.relative[i], "index": p.index[i]}
+
+
+def pad_right(sequences: list[np.ndarray] | list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding keeps every real token's position id and causal context unchanged."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    ids, mask = pad_right([item["input_ids"] for item in items])
+    batch = {"input_ids": ids, "attention_mask": mask, "last": mask.sum(1) - 1}
+    for key, dtype in (("z1", torch.float32), ("z2", torch.float32), ("relative", torch.float32),
+                       ("index", torch.long)):
+        batch[key] = torch.tensor([item[key] for item in items], dtype=dtype)
+    return batch
+
+
+class PairDataModule(L.LightningDataModule):
+    """Reads the dump once (``setup`` is idempotent) and serves padded batches of pairs."""
+
+    def __init__(self, rollouts: str | Path, reward_key: str = "reward", group_stats: str = "group",
+                 val_fraction: float = 0.1, batch_size: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        self.rollouts, self.reward_key, self.group_stats = rollouts, reward_key, group_stats
+        self.val_fraction, self.batch_size, self.seed = val_fraction, batch_size, seed
+        self.train: Pairs | None = None
+        self.val: Pairs | None = None
+        self.counts: dict[str, int] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        pairs, self.counts = load_pairs(self.rollouts, self.reward_key, self.group_stats)
+        self.train, self.val = split_by_prompt(pairs, self.val_fraction, self.seed)
+        self.counts.update(pairs_train=len(self.train), pairs_val=len(self.val),
+                           prompts_train=len(np.unique(self.train.prompt_id)),
+                           prompts_val=len(np.unique(self.val.prompt_id)))
+        log.info("pairs: %s", ", ".join(f"{k}={v}" for k, v in self.counts.items()))
+
+    def max_token_id(self) -> int:
+        return max(int(seq.max(initial=0)) for part in (self.train, self.val)
+                   for seq in (*part.prompt, *part.completion))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(PairDataset(self.train), batch_size=self.batch_size, shuffle=True, collate_fn=collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(PairDataset(self.val), batch_size=self.batch_size, collate_fn=collate)

@@ -1,0 +1,139 @@
+"""The paired sampling scheme (DESIGN.md section 4), group statistics, and the chunked writer.
+
+For each pair the split point t is drawn *before* looking at the sister it splits: uniform on
+0..t_max, where t_max is a length quantile of the sister-A completions of the *other* prompts in
+the same chunk (or a fixed maximum). Sister A is sampled in full; sister B continues from
+prompt + A[:t], so its prefix is prefill, not decode. A pair whose A ended at or before t is
+degenerate (B == A): kept and flagged, never regenerated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipeline.generation.base import Completion, GenerationBackend, Request, SamplingParams
+from pipeline.scoring import score
+
+
+@dataclass(frozen=True)
+class PairingConfig:
+    group_size: int = 8
+    groups_per_prompt: int = 1
+    split_quantile: float = 0.9
+    max_split_tokens: int | None = None  # fixed t_max instead of the quantile rule
+
+
+@dataclass
+class Prompt:
+    index: int  # position in the run's prompt list: fixes group ids
+    row: dict[str, Any]  # the task row: prompt_id, level, answer, task columns
+    text: str
+    token_ids: list[int]
+
+
+def request_seed(seed: int, prompt_id: int, group_id: int, completion_id: int) -> int:
+    """A distinct, reproducible seed per request (never one seed for every request)."""
+    return int(np.random.SeedSequence([seed, prompt_id, group_id, completion_id]).generate_state(1)[0])
+
+
+def split_limits(lengths_by_prompt: Sequence[Sequence[int]], max_new_tokens: int, cfg: PairingConfig) -> list[int]:
+    """t_max per prompt, from the other prompts' sister-A lengths, so t is independent of A."""
+    if cfg.max_split_tokens is not None:
+        return [min(cfg.max_split_tokens, max_new_tokens)] * len(lengths_by_prompt)
+    limits = []
+    for i in range(len(lengths_by_prompt)):
+        others = [n for j, lengths in enumerate(lengths_by_prompt) if j != i for n in lengths]
+        q = np.quantile(others, cfg.split_quantile) if others else max_new_tokens
+        limits.append(int(min(math.ceil(q), max_new_tokens)))
+    return limits
+
+
+def sample_pairs(backend: GenerationBackend, prompts: Sequence[Prompt], params: SamplingParams,
+                 cfg: PairingConfig, seed: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """All groups of ``prompts`` as one record per completion (rewards not yet attached)."""
+    pairs = cfg.group_size // 2
+    slots = [(p, p.index * cfg.groups_per_prompt + g, k)
+             for p in prompts for g in range(cfg.groups_per_prompt) for k in range(pairs)]
+    sisters_a = backend.generate(
+        [Request(p.token_ids, params.max_new_tokens, request_seed(seed, p.row["prompt_id"], gid, 2 * k))
+         for p, gid, k in slots], params)
+    per_prompt = len(slots) // len(prompts)
+    lengths = [[len(c.token_ids) for c in sisters_a[i * per_prompt:(i + 1) * per_prompt]]
+               for i in range(len(prompts))]
+    limits = split_limits(lengths, params.max_new_tokens, cfg)
+    splits = [int(rng.integers(0, limits[i // per_prompt] + 1)) for i in range(len(slots))]
+
+    live = [i for i, (a, t) in enumerate(zip(sisters_a, splits, strict=True)) if t < len(a.token_ids)]
+    continuations = backend.generate(
+        [Request(slots[i][0].token_ids + sisters_a[i].token_ids[:splits[i]], params.max_new_tokens - splits[i],
+                 request_seed(seed, slots[i][0].row["prompt_id"], slots[i][1], 2 * slots[i][2] + 1))
+         for i in live], params)
+    sisters_b: list[Completion] = list(sisters_a)
+    for i, cont in zip(live, continuations, strict=True):
+        sisters_b[i] = Completion(sisters_a[i].token_ids[:splits[i]] + cont.token_ids, cont.finish_reason)
+
+    live_set, records = set(live), []
+    for i, (prompt, group_id, k) in enumerate(slots):
+        for sister, completion in enumerate((sisters_a[i], sisters_b[i])):
+            records.append({
+                "prompt": prompt, "group_id": group_id, "completion_id": 2 * k + sister, "pair_id": k,
+                "sister": sister, "split_token_idx": splits[i], "degenerate": i not in live_set,
+                "completion": completion,
+            })
+    return records
+
+
+def group_statistics(frame: pd.DataFrame, column: str) -> tuple[pd.Series, pd.Series]:
+    """Per-row mean and unbiased variance (ddof=1) of ``column`` over the row's group."""
+    grouped = frame.groupby("group_id")[column]
+    return grouped.transform("mean"), grouped.transform(lambda s: s.var(ddof=1))
+
+
+def to_frame(records: Sequence[dict[str, Any]], tokenizer, weights: Mapping[str, float]) -> tuple[pd.DataFrame, dict]:
+    """Decode, score with the weighted reward functions, and add group statistics."""
+    texts = tokenizer.batch_decode([r["completion"].token_ids for r in records], skip_special_tokens=True)
+    rows = [r["prompt"].row for r in records]
+    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+    rewards = score(weights, [r["prompt"].text for r in records], texts, columns)
+    frame = pd.DataFrame({
+        "prompt_id": [row["prompt_id"] for row in rows],
+        "prompt_text": [r["prompt"].text for r in records],
+        "prompt_token_ids": [r["prompt"].token_ids for r in records],
+        "task_name": [str(row["task_name"]) for row in rows],
+        "level": [row["level"] for row in rows],
+        "answer": [str(row["answer"]) for row in rows],
+        "group_id": [r["group_id"] for r in records],
+        "completion_id": [r["completion_id"] for r in records],
+        "pair_id": [r["pair_id"] for r in records],
+        "sister": [r["sister"] for r in records],
+        "split_token_idx": [r["split_token_idx"] for r in records],
+        "degenerate": [r["degenerate"] for r in records],
+        "completion_token_ids": [r["completion"].token_ids for r in records],
+        "completion_text": texts,
+        "num_completion_tokens": [len(r["completion"].token_ids) for r in records],
+        "finish_reason": [r["completion"].finish_reason for r in records],
+        "reward": rewards.total,
+    })
+    frame["reward_group_mean"], frame["reward_group_var"] = group_statistics(frame, "reward")
+    for name, values in rewards.per_function.items():
+        frame[f"reward_{name}"] = values
+        frame[f"reward_{name}_group_mean"], frame[f"reward_{name}_group_var"] = group_statistics(
+            frame, f"reward_{name}")
+    return frame, rewards.failures
+
+
+def generated_token_count(frame: pd.DataFrame) -> int:
+    """Decoded tokens: all of sister A, B's tokens after the split (its prefix was prefill)."""
+    decoded = frame["num_completion_tokens"] - frame["sister"] * frame["split_token_idx"]
+    return int(decoded.where(~(frame["degenerate"] & (frame["sister"] == 1)), 0).sum())
+
+
+def to_table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)

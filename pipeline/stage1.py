@@ -1,0 +1,193 @@
+"""Stage 1 orchestration: resolve arguments, resume, generate chunk by chunk, write metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline import artifacts, dump
+from pipeline.errors import UserError
+from pipeline.generation import SamplingParams
+from pipeline.models import load_causal_lm, load_tokenizer, model_slug
+from pipeline.prompting import render_prompt
+from pipeline.rollouts import PairingConfig, Prompt, generated_token_count, sample_pairs, to_frame, to_table
+from pipeline.scoring import parse_reward_weights
+from pipeline.tasks import build_rows, default_rewards, task_slug
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "run_config.json"
+
+
+@dataclass
+class Stage1Args:
+    model_name: str
+    task_name: str
+    group_size: int = 8
+    groups_per_prompt: int = 1
+    num_prompts: int = 16
+    levels: tuple[int, ...] = (0, 1, 2, 3)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    rewards: dict[str, float] = field(default_factory=dict)
+    split_quantile: float = 0.9
+    max_split_tokens: int | None = None
+    prompts_per_chunk: int = 4
+    backend: str = "hf"
+    batch_size: int = 32
+    out_dir: str = "rollout_dump"
+    tag: str | None = None
+    shard_index: int = 0
+    num_shards: int = 1
+    overwrite: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """The arguments that decide the dump's content: same identity -> same directory -> resume."""
+        keys = ("model_name", "task_name", "group_size", "groups_per_prompt", "num_prompts", "levels",
+                "max_new_tokens", "temperature", "top_p", "seed", "rewards", "split_quantile",
+                "max_split_tokens", "prompts_per_chunk")
+        return {k: getattr(self, k) for k in keys} | {"levels": list(self.levels)}
+
+
+def validate(args: Stage1Args) -> None:
+    if args.group_size < 2 or args.group_size % 2:
+        raise UserError(f"--group_size must be even and >= 2 (got {args.group_size}): a group is G/2 pairs")
+    if args.num_prompts < 1 or args.groups_per_prompt < 1 or args.prompts_per_chunk < 1:
+        raise UserError("--num_prompts, --groups_per_prompt and --prompts_per_chunk must be >= 1")
+    if not 0 <= args.shard_index < args.num_shards:
+        raise UserError(f"--shard_index must be in [0, --num_shards) (got {args.shard_index} of {args.num_shards})")
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("need --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1")
+
+
+def dump_dir(args: Stage1Args) -> Path:
+    digest = hashlib.sha256(json.dumps(args.identity(), sort_keys=True).encode()).hexdigest()[:8]
+    tag = args.tag or f"G{args.group_size}_n{args.num_prompts}_{digest}"
+    return artifacts.stage_dir(args.out_dir, task_slug(args.task_name), model_slug(args.model_name)) / f"rollouts_{tag}"
+
+
+def prepare_dir(path: Path, args: Stage1Args) -> None:
+    """Create, resume or (with --overwrite) restart the dump directory; refuse to mix arguments."""
+    config_path = path / CONFIG_FILE
+    if args.overwrite and path.exists() and args.shard_index == 0:
+        shutil.rmtree(path)
+    artifacts.ensure_writable_dir(path)
+    if config_path.exists():
+        if json.loads(config_path.read_text()) != json.loads(json.dumps(args.identity())):
+            raise UserError(f"'{path}' holds a dump made with other arguments: pass --overwrite or another --tag")
+    else:
+        artifacts.write_json(config_path, args.identity())
+
+
+def _build_prompts(args: Stage1Args, tokenizer) -> list[Prompt]:
+    prompts = []
+    for index, row in enumerate(build_rows(args.task_name, args.num_prompts, args.levels)):
+        text, ids = render_prompt(tokenizer, row["question"])
+        prompts.append(Prompt(index, row, text, ids))
+    return prompts
+
+
+def _make_backend(args: Stage1Args, tokenizer):
+    from pipeline.generation import HFBackend
+
+    if args.backend != "hf":
+        raise UserError(f"--backend {args.backend} is not available: use --backend hf")
+    return HFBackend(load_causal_lm(args.model_name), tokenizer, batch_size=args.batch_size)
+
+
+def _metadata_name(args: Stage1Args) -> str:
+    if args.num_shards == 1:
+        return "rollouts_metadata.json"
+    return f"rollouts_metadata.shard-{args.shard_index:03d}-of-{args.num_shards:03d}.json"
+
+
+def summarize(frame: pd.DataFrame) -> dict[str, Any]:
+    """Counts and reward statistics of a whole dump (all chunks, resumed or not)."""
+    groups = frame.groupby("group_id")
+    pairs = frame[frame["sister"] == 0]
+    per_level = frame.groupby("level")["reward"].agg(["mean", "std", "count"])
+    return {
+        "prompts": int(frame["prompt_id"].nunique()),
+        "groups": int(groups.ngroups),
+        "completions": len(frame),
+        "pairs": len(pairs),
+        "degenerate_pairs": int(pairs["degenerate"].sum()),
+        "zero_variance_groups": int((groups["reward_group_var"].first().fillna(0) <= 1e-12).sum()),
+        "reward_failures": int(frame["reward"].isna().sum()),
+        "mean_completion_tokens": float(frame["num_completion_tokens"].mean()),
+        "truncated_fraction": float((frame["finish_reason"] == "length").mean()),
+        "reward_by_level": {int(level): {k: float(v) for k, v in stats.items()} for level, stats in per_level.iterrows()},
+    }
+
+
+def run(args: Stage1Args) -> Path:
+    validate(args)
+    args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
+    tokenizer = load_tokenizer(args.model_name)
+    prompts = _build_prompts(args, tokenizer)
+    path = dump_dir(args)
+    prepare_dir(path, args)
+    chunks = [prompts[i:i + args.prompts_per_chunk] for i in range(0, len(prompts), args.prompts_per_chunk)]
+    mine = [c for c in range(len(chunks)) if c % args.num_shards == args.shard_index]
+    todo = [c for c in mine if not (path / f"part-{c:05d}.parquet").exists()]
+    kv = {"model_name": args.model_name, "task_name": args.task_name, "group_size": args.group_size,
+          "reward_names": list(args.rewards), "reward_weights": args.rewards,
+          "tokenizer": dump.tokenizer_fingerprint(tokenizer)}
+    schema = dump.schema_for(list(args.rewards), kv)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
+    pairing = PairingConfig(args.group_size, args.groups_per_prompt, args.split_quantile, args.max_split_tokens)
+    started, t0 = artifacts.now_iso(), time.perf_counter()
+    if len(todo) < len(mine):
+        log.info("resuming %s: %d of %d chunks already written", path, len(mine) - len(todo), len(mine))
+    backend = _make_backend(args, tokenizer) if todo else None
+    generated_tokens, completions, failures = 0, 0, {}
+    bar = tqdm(todo, desc="chunks", unit="chunk")
+    for c in bar:
+        rng = np.random.default_rng([args.seed, c])
+        records = sample_pairs(backend, chunks[c], params, pairing, args.seed, rng)
+        frame, chunk_failures = to_frame(records, tokenizer, args.rewards)
+        for name, n in chunk_failures.items():
+            failures[name] = failures.get(name, 0) + n
+        dump.write_part(path / f"part-{c:05d}.parquet", to_table(frame, schema))
+        completions += len(frame)
+        generated_tokens += generated_token_count(frame)
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(completions_s=f"{completions / elapsed:.2f}", tok_s=f"{generated_tokens / elapsed:.1f}")
+    runtime = time.perf_counter() - t0
+    full = dump.read_dump(path).to_pandas()
+    counts = summarize(full)
+    metadata = {
+        "arguments": asdict(args) | {"levels": list(args.levels)}, "output_dir": str(path),
+        "started": started, "finished": artifacts.now_iso(), "runtime_s": round(runtime, 2),
+        "chunks_generated_this_run": len(todo), "completions_this_run": completions,
+        "generated_tokens_this_run": generated_tokens,
+        "tokens_per_s": round(generated_tokens / runtime, 2) if todo else None,
+        "reward_failures_this_run": failures, "counts": counts, **artifacts.provenance(),
+    }
+    artifacts.write_json(path / _metadata_name(args), metadata)
+    print_summary(path, metadata)
+    return path
+
+
+def print_summary(path: Path, metadata: dict[str, Any]) -> None:
+    c = metadata["counts"]
+    levels = ", ".join(f"L{lv}: {s['mean']:.3f}" for lv, s in c["reward_by_level"].items())
+    speed = f", {metadata['tokens_per_s']} tok/s" if metadata["tokens_per_s"] else ""
+    log.info(
+        "Wrote %d completions (%d prompts, %d groups, %d pairs) to %s in %.1f s%s. Mean reward by level: %s. "
+        "Degenerate pairs: %d of %d; zero-variance groups: %d of %d; reward failures: %d. Metadata: %s",
+        c["completions"], c["prompts"], c["groups"], c["pairs"], path, metadata["runtime_s"], speed, levels,
+        c["degenerate_pairs"], c["pairs"], c["zero_variance_groups"], c["groups"], c["reward_failures"],
+        path / ("rollouts_metadata.json" if metadata["arguments"]["num_shards"] == 1 else "rollouts_metadata.*.json"),
+    )

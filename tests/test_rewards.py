@@ -1,0 +1,93 @@
+"""Rewards: right, wrong and malformed answers per task; hostile countdown text never executes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import rewards
+from pipeline import scoring
+from pipeline.answers import evaluate_arithmetic
+
+COUNTDOWN = {"task_name": "countdown", "numbers": [25, 4, 3], "target": 97, "answer": "97"}
+
+
+def countdown_scores(completion: str) -> dict[str, float]:
+    cols = {k: [v] for k, v in COUNTDOWN.items()}
+    return {name: fn([""], [completion], **cols)[0] for name, fn in rewards.REWARDS.items()}
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("25*4 - 3 = 97 so <answer>25 * 4 - 3</answer>", {"correct": 1, "format": 1, "valid_expression": 1, "uses_numbers": 1}),
+    ("<answer>(25 - 3) * 4</answer>", {"correct": 0, "format": 1, "valid_expression": 1, "uses_numbers": 1}),
+    ("<answer>25 * 4</answer>", {"correct": 0, "format": 1, "valid_expression": 1, "uses_numbers": 0}),
+    ("<answer>100 - 3</answer>", {"correct": 0, "format": 1, "valid_expression": 1, "uses_numbers": 0}),
+    ("the answer is 25*4-3", {"correct": 0, "format": 0, "valid_expression": 0, "uses_numbers": 0}),
+    ("<answer>25 * 4 - 3 = 97</answer>", {"correct": 1, "format": 1, "valid_expression": 1, "uses_numbers": 1}),
+    ("<answer>25 ** 4 - 3</answer>", {"correct": 0, "format": 1, "valid_expression": 0, "uses_numbers": 0}),
+])
+def test_countdown_rewards(completion, expected):
+    assert countdown_scores(completion) == expected
+
+
+HOSTILE = [
+    "<answer>__import__('os').system('touch /tmp/rvg_pwned')</answer>",
+    "<answer>9**9**9**9</answer>",
+    "<answer>(25 + 4) / (3 - 3)</answer>",
+    "<answer>" + "(" * 500 + "1" + ")" * 500 + "</answer>",
+    "<answer>[x for x in ().__class__.__base__.__subclasses__()]</answer>",
+    "<answer>lambda: 97</answer>",
+    "<answer>25*4-3; open('/etc/passwd')</answer>",
+    "<answer>1e308 * 1e308</answer>",
+    "<answer>" + "*".join(["99999"] * 40) + "</answer>",
+]
+
+
+@pytest.mark.parametrize("completion", HOSTILE)
+def test_hostile_countdown_outputs_score_zero(completion, tmp_path):
+    scores = countdown_scores(completion)
+    assert scores["correct"] == 0 and scores["uses_numbers"] == 0 and scores["valid_expression"] == 0
+
+
+def test_walker_rejects_before_computing():
+    assert evaluate_arithmetic("__import__('os')") is None
+    assert evaluate_arithmetic("2**100000000") is None
+    value, literals = evaluate_arithmetic("(25 - 3) / 4")
+    assert value == 5.5 and literals == [25, 3, 4]
+
+
+@pytest.mark.parametrize("completion, score", [
+    ("12 + 7 is <answer>19</answer>", 1.0),
+    ("<answer>19.0</answer>", 1.0),
+    ("<answer>\\boxed{19}</answer>", 1.0),
+    ("<answer>18</answer>", 0.0),
+    ("19", 0.0),  # untagged: the format is part of the task
+    ("<answer></answer>", 0.0),
+    ("<answer>nineteen ]]}{</answer>", 0.0),
+])
+def test_arithmetic_correct(completion, score):
+    assert rewards.correct([""], [completion], answer=["19"], task_name=["arithmetic"]) == [score]
+
+
+def test_format_requires_exactly_one_tag():
+    out = rewards.format_reward(None, ["<answer>1</answer>", "<answer>1</answer><answer>2</answer>", "1"])
+    assert out == [1.0, 0.0, 0.0]
+
+
+def test_failing_reward_is_recorded_not_fatal(monkeypatch):
+    def flaky(prompts, completions, **_):
+        return [math.nan if "nan" in c else 1 / 0 if "raise" in c else 1.0 for c in completions]
+
+    monkeypatch.setitem(rewards.REWARDS, "flaky", flaky)
+    batch = scoring.score({"flaky": 1.0, "format": 0.5}, ["p"] * 3, ["ok", "nan", "raise"], {"answer": ["1"] * 3})
+    assert batch.failures == {"flaky": 2}
+    np.testing.assert_array_equal(batch.per_function["flaky"][:1], [1.0])
+    assert np.isnan(batch.per_function["flaky"][1:]).all() and np.isnan(batch.total[1:]).all()
+    assert batch.total[0] == 1.0
+
+
+def test_reward_weights_parsing():
+    assert scoring.parse_reward_weights("correct=1,format=0.25", {}) == {"correct": 1.0, "format": 0.25}
+    assert scoring.parse_reward_weights(None, {"correct": 1.0}) == {"correct": 1.0}
