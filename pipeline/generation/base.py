@@ -32,3 +32,7 @@ class GenerationBackend(Protocol):
         """One completion per request, in order; ``params.max_new_tokens`` is ignored in favour of
         each request's own budget."""
         ...
+
+    def sync_weights(self, model) -> None:
+        """Make the engine sample from ``model``'s current weights (called after each optimizer step)."""
+        ...

@@ -31,6 +31,9 @@ class HFBackend:
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.batch_size = batch_size
 
+    def sync_weights(self, model: PreTrainedModel) -> None:
+        self.model = model  # the policy itself samples: nothing to copy
+
     @torch.no_grad()
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
