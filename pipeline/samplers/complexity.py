@@ -55,7 +55,9 @@ class ComplexityCurriculum(MultiSourceSampler):
         if self.complexity_source is None and len(names) == 1:
             self.complexity_source = names[0]
         if self.complexity_source not in names:
-            raise ValueError(f"complexity_source must be one of the sources {names}, got {self.complexity_source!r}")
+            raise ValueError(
+                f"complexity_source must be one of the sources {names}, got {self.complexity_source!r}"
+            )
         self.cs = names.index(self.complexity_source)
         rows = np.flatnonzero(self.table.source == self.cs)
         self.cs_order = rows[np.argsort(self.table.complexity[rows], kind="stable")]
@@ -153,7 +155,8 @@ class RewardCurriculumSampler(ComplexityCurriculum):
             )
         if not 0 < interval_decay <= 1:
             raise ValueError(f"interval_decay must be in (0, 1], got {interval_decay}")
-        self.reward_threshold, self.num_intervals, self.reward_alpha = reward_threshold, num_intervals, reward_alpha
+        self.reward_threshold, self.reward_alpha = reward_threshold, reward_alpha
+        self.num_intervals = num_intervals
         self.min_batches, self.check_frequency = min_batches_per_level, check_frequency
         self.focus, self.decay = focus_new_intervals, interval_decay
         self.level, self.batches_at_level = 0, 0
@@ -196,8 +199,8 @@ class RewardCurriculumSampler(ComplexityCurriculum):
         mine = self.table.source[indices] == self.cs
         if mine.any():
             mean = float(rewards[mine].mean())
-            ema = self.curriculum_ema
-            self.curriculum_ema = mean if ema is None else (1 - self.reward_alpha) * ema + self.reward_alpha * mean
+            ema, a = self.curriculum_ema, self.reward_alpha
+            self.curriculum_ema = mean if ema is None else (1 - a) * ema + a * mean
         self.batches_at_level += 1
         due = (
             self.batches_at_level >= self.min_batches

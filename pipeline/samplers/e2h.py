@@ -105,4 +105,6 @@ class GaussianSampler(ScheduleSampler):
         self._group_probs()  # fails now, not mid-training, if min_prob is too large for K
 
     def _group_probs(self) -> np.ndarray:
-        return gaussian_schedule(self.step, self.total_steps, self.n_levels, self.mu_exp, self.sigma, self.min_prob)
+        return gaussian_schedule(
+            self.step, self.total_steps, self.n_levels, self.mu_exp, self.sigma, self.min_prob
+        )

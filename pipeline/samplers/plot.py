@@ -34,7 +34,9 @@ def synthetic_rows(levels: int, sources: int, rows_per_group: int, seed: int) ->
     ]
 
 
-def simulate(sampler: Sampler, rows: list[dict[str, Any]], steps: int, learning_rate: float, seed: int) -> list:
+def simulate(
+    sampler: Sampler, rows: list[dict[str, Any]], steps: int, learning_rate: float, seed: int
+) -> list:
     """Run `steps` batches against the toy learner; the mixture before each batch."""
     rng = np.random.default_rng(seed + 1)
     skill = np.zeros(max(r["level"] for r in rows) + 1)
@@ -70,7 +72,9 @@ def _param(text: str) -> tuple[str, Any]:
 @click.option("--learning-rate", "--learning_rate", default=0.002, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--param", "params", multiple=True, help="sampler parameter KEY=VALUE (JSON value), repeatable")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="default: sampler_NAME.png")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="default: sampler_NAME.png"
+)
 def main(
     name: str,
     steps: int,

@@ -84,8 +84,12 @@ def build(
     cls, valid = sampler_class(name), sampler_params(name)
     unknown = sorted(set(params) - set(valid))
     if unknown:
-        raise ValueError(f"unknown parameter(s) for sampler {name!r}: {', '.join(unknown)}; valid: {_describe(valid)}")
+        raise ValueError(
+            f"unknown parameter(s) for sampler {name!r}: {', '.join(unknown)}; valid: {_describe(valid)}"
+        )
     missing = [k for k, v in valid.items() if v is REQUIRED and k not in params]
     if missing:
-        raise ValueError(f"sampler {name!r} needs parameter(s) {', '.join(missing)}; valid: {_describe(valid)}")
+        raise ValueError(
+            f"sampler {name!r} needs parameter(s) {', '.join(missing)}; valid: {_describe(valid)}"
+        )
     return cls(rows, batch_size=batch_size, total_steps=total_steps, seed=seed, **params)

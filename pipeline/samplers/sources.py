@@ -60,7 +60,9 @@ class MultiSourceSampler(GroupSampler):
         self.adaptive, self.alpha, self.temperature = adaptive_weights, alpha, temperature
         self.update_frequency, self.max_source_ratio = update_frequency, max_source_ratio
         self.base_weights = self._base_weights(sampling_strategy, source_weights)
-        self.weights = bound_ratio(self.base_weights, max_source_ratio) if self.adaptive else self.base_weights
+        self.weights = (
+            bound_ratio(self.base_weights, max_source_ratio) if self.adaptive else self.base_weights
+        )
         self.reward_ema = np.full(len(self.table.source_names), np.nan)
         self.n_updates = 0
         self._set_groups(*self._groups())
@@ -72,7 +74,10 @@ class MultiSourceSampler(GroupSampler):
             "adaptive" if self.adaptive else "fixed",
             len(self.weights),
             batch_size,
-            ", ".join(f"{s} {n} rows w={w:.3f}" for s, n, w in zip(self.table.source_names, sizes, self.weights, strict=True)),
+            ", ".join(
+                f"{s} {n} rows w={w:.3f}"
+                for s, n, w in zip(self.table.source_names, sizes, self.weights, strict=True)
+            ),
         )
         if self.adaptive:
             LOG.info(
@@ -139,7 +144,8 @@ class MultiSourceSampler(GroupSampler):
             type(self).__name__,
             self.n_updates,
             ", ".join(
-                f"{s} reward_ema={e:.3f} w={w:.3f}" for s, e, w in zip(self.table.source_names, ema, self.weights, strict=True)
+                f"{s} reward_ema={e:.3f} w={w:.3f}"
+                for s, e, w in zip(self.table.source_names, ema, self.weights, strict=True)
             ),
             positive.max() / positive.min(),
         )

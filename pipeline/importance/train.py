@@ -1,0 +1,200 @@
+"""Stage 2 orchestration: check the inputs, fit, export, plot, report, record what was done.
+
+Every check that can fail on user input runs before anything is written, so a bad call leaves
+existing artifacts untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from pipeline.artifacts import ensure_writable_dir, now_iso, provenance, write_json
+from pipeline.dump import read_metadata, tokenizer_fingerprint
+from pipeline.errors import UserError
+from pipeline.importance.data import PairDataModule
+from pipeline.importance.export import load, save_export
+from pipeline.importance.loss import best_constant_f
+from pipeline.importance.metrics import TABLES, TableWriter
+from pipeline.importance.model import ImportanceModule, NetConfig
+from pipeline.importance.plots import plot_calibration, plot_f_by_position
+from pipeline.importance.report import Example, write_report
+from pipeline.models import GGUF_ALIASES, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# A resumed run must see the same data and network as the one it continues.
+IDENTITY_ARGS = ("rollouts", "backbone", "reward_key", "group_stats", "val_fraction", "seed", "backbone_mode",
+                 "last_k", "lora_r", "lora_alpha", "head_hidden")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+LAST_CKPT = "last.ckpt"
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A CSVLogger that appends to the metrics.csv of the run it resumes instead of deleting it."""
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        previous = path.read_text() if path.is_file() else ""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+            experiment = super().experiment
+        if previous and self._experiment is not None:  # rank zero: put the earlier epochs back
+            path.write_text(previous)
+            experiment.metrics_keys = next(csv.reader(io.StringIO(previous)))
+        return experiment
+
+
+def default_run_dir(rollouts: str | Path, run_name: str, out_dir: str | Path | None) -> Path:
+    """``<out_dir>/<run>``, else ``rollout_dump/<task>/<model>/importance_net/<run>`` beside the dump."""
+    if out_dir is not None:
+        return Path(out_dir) / run_name
+    path = Path(rollouts).resolve()
+    if path.is_file() and path.parent.name.startswith("rollouts_"):  # a part file inside rollouts_<tag>/
+        path = path.parent
+    return path.parent / "importance_net" / run_name
+
+
+def check_tokenizer(meta: dict[str, Any], fingerprint: dict[str, Any], backbone: str, rollouts: str | Path) -> None:
+    """Inputs are stored token ids: they only mean the same text under the rollout model's tokenizer."""
+    expected = meta.get("tokenizer")
+    if expected is None:
+        log.warning("rollouts '%s' record no tokenizer fingerprint: cannot check that backbone '%s' matches",
+                    rollouts, backbone)
+    elif expected != fingerprint:
+        raise UserError(
+            f"backbone '{backbone}' has a different tokenizer (vocab {fingerprint['vocab_size']}, "
+            f"sha {fingerprint['vocab_sha256']}) than the rollouts '{rollouts}' (model "
+            f"'{meta.get('model_name')}', vocab {expected.get('vocab_size')}, sha {expected.get('vocab_sha256')}): "
+            f"pass --backbone with the rollout model's tokenizer"
+        )
+
+
+def _backbone_ref(backbone: str) -> str:
+    """What the export records: aliases and hub ids as given, local directories as absolute paths."""
+    path = Path(backbone).expanduser()
+    return backbone if backbone in GGUF_ALIASES or not path.exists() else str(path.resolve())
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite or mis-resume a run."""
+    last = run_dir / "checkpoints" / LAST_CKPT
+    if resume:
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint '{last}': start the run without --resume")
+        meta_path = run_dir / "metadata.json"
+        previous = json.loads(meta_path.read_text()).get("arguments", {}) if meta_path.is_file() else {}
+        changed = [k for k in IDENTITY_ARGS if k in previous and previous[k] != identity[k]]
+        if changed:
+            raise UserError(f"--resume: {', '.join(changed)} differ from the run in '{run_dir}': resume with "
+                            f"the same values, or pass a new --run_name")
+        return last
+    if any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "export").exists():
+        raise UserError(f"run '{run_dir}' exists: pass --resume to continue it or --run_name for a new run")
+    ensure_writable_dir(run_dir)
+    for stale in ("metrics.csv", *(f"{name}.csv" for name in TABLES)):  # from a run that died before epoch 1
+        (run_dir / stale).unlink(missing_ok=True)
+    return None
+
+
+def _devices(value: str | int) -> int | str | list[int]:
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    if "," in text:
+        return [int(x) for x in text.split(",") if x.strip()]
+    return text
+
+
+def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
+    """Sister A of the first pair of up to ``n`` validation prompts."""
+    _, first = np.unique(dm.val.prompt_id, return_index=True)
+    return [Example(dm.val.prompt[i].tolist(), dm.val.completion[i].tolist(), float(dm.val.r1[i]))
+            for i in sorted(first)[:n]]
+
+
+def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "reward", group_stats: str = "group",
+        backbone_mode: str = "frozen", last_k: int = 1, lora_r: int = 8, lora_alpha: int = 16, head_hidden: int = 0,
+        val_fraction: float = 0.1, max_epochs: int = 10, batch_size: int = 32, lr: float = 1e-3,
+        backbone_lr: float = 1e-4, precision: str = "32-true", devices: str | int = 1, accelerator: str = "auto",
+        seed: int = 0, run_name: str | None = None, out_dir: str | Path | None = None, resume: bool = False,
+        report_examples: int = 8) -> dict[str, Any]:
+    """Train the importance network on a stage-1 dump; returns the run summary (also in metadata.json)."""
+    started, t0 = now_iso(), time.time()
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    meta = read_metadata(rollouts)
+    backbone = backbone or meta.get("model_name")
+    if not backbone:
+        raise UserError(f"rollouts '{rollouts}' record no model_name: pass --backbone")
+    tokenizer = load_tokenizer(backbone)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    check_tokenizer(meta, fingerprint, backbone, rollouts)
+
+    L.seed_everything(seed, verbose=False)
+    dm = PairDataModule(rollouts, reward_key, group_stats, val_fraction, batch_size, seed)
+    dm.setup()
+    if dm.max_token_id() >= len(tokenizer):
+        raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
+                        f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
+    run_name = run_name or f"{backbone_mode}-{dm.reward_column}-{group_stats}"
+    run_dir = default_run_dir(rollouts, run_name, out_dir)
+    args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
+            "group_stats": group_stats, "backbone_mode": backbone_mode, "last_k": last_k, "lora_r": lora_r,
+            "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
+            "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "backbone_lr": backbone_lr,
+            "precision": precision, "devices": str(devices), "accelerator": accelerator, "seed": seed,
+            "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
+            "report_examples": report_examples}
+
+    baseline_f = best_constant_f(dm.train.z1, dm.train.z2)
+    net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden)
+    module = ImportanceModule(net_config.to_dict(), baseline_f, lr, backbone_lr)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}",
+                                 auto_insert_metric_name=False, monitor="val/nll", mode="min", save_top_k=1,
+                                 save_last=True)
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=_devices(devices), precision=precision,
+                        logger=ResumableCSVLogger(run_dir, name="", version=""),
+                        callbacks=[checkpoint, TableWriter(run_dir)], enable_progress_bar=True,
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+                        default_root_dir=run_dir)
+    resume_from = _prepare_run_dir(run_dir, resume, args) if trainer.is_global_zero else None
+    metadata = {"stage": "train_importance_net", "status": "running", "arguments": args, "run_dir": str(run_dir),
+                "reward_column": dm.reward_column, "tokenizer": fingerprint, "dump_metadata": meta,
+                "counts": dm.counts, "baseline_f": baseline_f, "started": started, **provenance()}
+    if trainer.is_global_zero:
+        write_json(run_dir / "metadata.json", metadata)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
+        trainer.validate(module, datamodule=dm, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+    final = module.val_summary
+    if not trainer.is_global_zero:
+        return final
+
+    export_dir = save_export(module.net, run_dir / "export", tokenizer=fingerprint, reward_key=dm.reward_column,
+                             group_stats=group_stats, baseline_f=baseline_f)
+    plot_calibration(final["calibration"], run_dir / "calibration.png")
+    plot_f_by_position(final["f_by_position"], run_dir / "f_by_position.png")
+    if report_examples > 0:
+        write_report(load(export_dir), tokenizer, _report_examples(dm, report_examples), run_dir / "report.html")
+    metadata.update(status="done", finished=now_iso(), runtime_s=round(time.time() - t0, 2),
+                    epochs_trained=trainer.current_epoch, best_checkpoint=checkpoint.best_model_path,
+                    export=str(export_dir), final=final)
+    write_json(run_dir / "metadata.json", metadata)
+    return {"run_dir": str(run_dir), "export": str(export_dir), **final}

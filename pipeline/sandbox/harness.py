@@ -1,0 +1,71 @@
+"""Runs inside the sandbox (Debian's python3 -I -S -B -c): load the candidate, call it on each input,
+and stream one JSON line per test on the original stdout.
+
+Only data leaves: each returned value must be plain JSON data of exact built-in types (so an object
+whose ``__eq__`` always answers True is an error), and the parent compares it with the expected
+output, which never enters the sandbox. The candidate's own prints go to stderr. Standard library
+only, and no syntax newer than Python 3.8, so any system python3 can run it.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+MAX_DEPTH = 50
+
+
+def plain(value, depth=0):
+    """A copy made only of None/bool/int/float/str/list/dict-with-str-keys, else TypeError."""
+    kind = type(value)
+    if depth > MAX_DEPTH:
+        raise TypeError("value nested too deeply")
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if kind in (list, tuple):
+        return [plain(item, depth + 1) for item in value]
+    if kind is dict and all(type(key) is str for key in value):
+        return {key: plain(item, depth + 1) for key, item in value.items()}
+    raise TypeError("unsupported return type")
+
+
+def emit(stream, record):
+    try:
+        text = json.dumps(record, allow_nan=False)
+    except BaseException:  # an unserialisable value (huge int, nan) is a wrong answer
+        text = json.dumps({"i": record.get("i"), "error": "unserialisable"})
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def error_name(err):
+    try:
+        return str(type(err).__name__)[:80]
+    except BaseException:
+        return "?"
+
+
+def main():
+    results = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    job = json.load(sys.stdin)
+    os.chdir("/work")
+    with open("solution.py", "w") as handle:
+        handle.write(job["code"])
+    try:
+        spec = importlib.util.spec_from_file_location("solution", "/work/solution.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        function = getattr(module, job["entry_point"])
+    except BaseException as err:
+        emit(results, {"load_error": error_name(err)})
+        return
+    for i, args in enumerate(job["inputs"]):
+        try:
+            record = {"i": i, "value": plain(function(*args))}
+        except BaseException as err:
+            record = {"i": i, "error": error_name(err)}
+        emit(results, record)
+
+
+main()

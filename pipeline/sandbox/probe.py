@@ -1,0 +1,80 @@
+"""The start-up self-test: run a payload in each isolation mode and accept the first whose limits
+demonstrably hold (above all the process limit: a fork bomb under a limit that does not hold would
+take the machine down). Nothing else in this package runs code before this has passed."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+from pipeline.sandbox.execute import execute
+from pipeline.sandbox.isolation import (
+    IsolationReport,
+    Limits,
+    SandboxUnavailable,
+    missing_tools,
+    modes_for_this_user,
+)
+
+log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 15.0
+CHECK_SOURCE = Path(__file__).with_name("probe_check.py").read_text()
+
+
+@functools.cache
+def probe(mode: str | None = None, limits: Limits | None = None) -> IsolationReport:
+    """The isolation this machine gives (``mode`` forces one), or SandboxUnavailable in one line."""
+    limits = limits or Limits()
+    failures = []
+    for candidate in (mode,) if mode else modes_for_this_user():
+        try:
+            report = _probe_mode(candidate, limits)
+            log.info(report.summary())
+            return report
+        except SandboxUnavailable as err:
+            failures.append(f"{candidate}: {err}")
+    raise SandboxUnavailable(
+        f"code tasks refused, no working sandbox here ({'; '.join(failures) or 'not root: only bubblewrap works'}); "
+        "install bubblewrap (apt-get install bubblewrap) and see docs/sandbox.md")
+
+
+def _probe_mode(mode: str, limits: Limits) -> IsolationReport:
+    if mode not in modes_for_this_user():
+        raise SandboxUnavailable("needs root")
+    missing = missing_tools(mode)
+    if missing:
+        raise SandboxUnavailable(f"missing {', '.join(missing)}")
+    run = execute(mode, limits, CHECK_SOURCE, "check", [[2 * limits.address_space_bytes]], PROBE_TIMEOUT_S)
+    record = run.records[0]
+    if record is None or "value" not in record:
+        reason = run.load_error or (record or {}).get("error") or run.stderr_tail.strip().splitlines()[-1:] or "no result"
+        raise SandboxUnavailable(f"probe did not run ({reason})")
+    checks = record["value"]
+    problems = _problems(checks, limits)
+    if problems:
+        raise SandboxUnavailable("; ".join(problems))
+    return IsolationReport(mode=mode, as_root=os.geteuid() == 0,
+                           limits=limits, checks=checks)
+
+
+def _problems(checks: dict, limits: Limits) -> list[str]:
+    """Every way the probe's view differs from what the sandbox promises."""
+    expected = {
+        "capabilities": False, "root_dir_visible": False, "etc_visible": False,
+        "writable_outside_work": [], "work_writable": True, "allocates_beyond_limit": False,
+    }
+    problems = [f"{key} is {checks.get(key)!r}, expected {want!r}" for key, want in expected.items()
+                if checks.get(key) != want]
+    if checks.get("uid") in (0, None):
+        problems.append("runs as root")
+    if checks.get("forks", limits.processes) >= limits.processes:
+        problems.append(f"forked {checks.get('forks')} children under RLIMIT_NPROC {limits.processes}: limit ignored")
+    if set(checks.get("interfaces", ["?"])) - {"lo"}:
+        problems.append(f"network interfaces {checks.get('interfaces')}")
+    if set(checks.get("environment") or []) - {"PWD", "LC_CTYPE"}:
+        problems.append(f"environment not cleared: {checks.get('environment')}")
+    if checks.get("visible_pids", 1000) > limits.processes:
+        problems.append("host processes visible (no PID namespace)")
+    return problems

