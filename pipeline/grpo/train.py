@@ -8,6 +8,8 @@ rank's sampler state are global.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import sys
@@ -164,6 +166,15 @@ class Trainer:
         per_rank = gathered.reshape(world, -1, group)  # (rank, prompt k, G); global prompt = rank + world*k
         return per_rank.transpose(1, 0, 2).reshape(-1)
 
+    def _check_sampler_agreement(self) -> str:
+        """Every rank fed its sampler the same gathered rewards: fail loudly if the states differ."""
+        sha = hashlib.sha256(json.dumps(self.sampler.state_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        if self.fabric.world_size > 1:
+            mine = torch.tensor([int(sha, 16)], dtype=torch.int64, device=self.fabric.device)
+            if not torch.all(self.fabric.all_gather(mine) == mine):
+                raise RuntimeError(f"sampler states diverged across ranks at step {self.step}")
+        return sha
+
     def _weights(self, exp: Experience, mask: torch.Tensor, entropies: torch.Tensor | None) -> torch.Tensor:
         f = None
         if self.importance is not None:
@@ -215,12 +226,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.backend.sync_weights(self.policy)
+        logged = {"loss": loss.detach(), **loss_metrics}  # global values: this rank's shard averaged over ranks
+        logged = {k: float(fabric.all_reduce(v, reduce_op="mean")) for k, v in logged.items()}
         per_prompt = np.nanmean(all_rewards.reshape(-1, args.group_size), axis=1)
         self.sampler.update(list(indices), per_prompt.tolist())
+        sampler_sha = self._check_sampler_agreement()
         elapsed = time.perf_counter() - t0
         levels = np.array([self.rows[i]["level"] for i in indices for _ in range(args.group_size)])
         metrics = {
-            "step": self.step + 1, "loss": loss.item(), "reward_mean": float(all_rewards.mean()),
+            "step": self.step + 1, "reward_mean": float(all_rewards.mean()),
             "reward_std": float(all_rewards.std()),
             "frac_zero_std_groups": zero_std_fraction(torch.as_tensor(all_rewards), args.group_size),
             "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
@@ -228,10 +242,10 @@ class Trainer:
             "completion_len": float(exp.completion_mask.sum(1).mean()),
             "truncated_frac": float(exp.truncated.float().mean()),
             "tokens_per_s": float(exp.completion_mask.sum() / t_gen), "step_time_s": elapsed,
-            "generation_time_s": t_gen, "reward_failures": sum(exp.failures.values()),
+            "generation_time_s": t_gen, "reward_failures": sum(exp.failures.values()), "sampler_sha": sampler_sha,
             **{f"reward_mean/level_{lv}": float(all_rewards[levels == lv].mean()) for lv in sorted(set(levels))},
             **{f"reward/{name}": float(np.nanmean(v)) for name, v in exp.per_function.items()},
-            **{k: float(v) for k, v in loss_metrics.items()},
+            **logged,
             **{f"weights/{k}": v for k, v in weight_stats(weights, mask).items()},
             **{f"sampler/{k}": float(v) for k, v in self.sampler.probabilities().items()},
         }

@@ -62,7 +62,7 @@ class IsolationReport:
         namespaces = "user/pid/net/ipc/uts/mount/cgroup" if self.mode == "bubblewrap" else "pid/net/ipc/uts/mount/cgroup"
         return (f"sandbox: {self.mode}, {who}; {namespaces} namespaces, no capabilities, empty environment, "
                 f"network {self.checks.get('interfaces')}, forks stopped at {self.checks.get('forks')} "
-                f"(RLIMIT_NPROC {self.limits.processes}), address space {self.limits.address_space_bytes >> 20} MiB, "
+                f"(RLIMIT_NPROC {self.limits.processes}{'' if self.as_root else ' above the tasks the uid already runs'}), address space {self.limits.address_space_bytes >> 20} MiB, "
                 f"tmpfs /work /tmp /dev/shm {self.limits.tmpfs_bytes >> 20} MiB each, /usr read-only, no /root or /etc")
 
 
