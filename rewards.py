@@ -24,6 +24,7 @@ from pipeline.answers import (
 )
 from pipeline.hybrid_reward import active_hybrid
 from pipeline.tasks.blocksworld import PlanCheck, check_plan
+from pipeline.tasks.coding import code_format, tests_passed
 
 Row = dict[str, Any]
 RowScore = Callable[[str, Row], float]
@@ -59,6 +60,8 @@ def _math_correct(completion: str, row: Row) -> float:
 CORRECT_BY_TASK: dict[str, RowScore] = {
     "countdown": lambda completion, row: float(_countdown_parts(completion, row)[2]),
     "blocksworld": lambda completion, row: float(_plan(completion, row).reaches_goal),
+    "coding": lambda completion, row: float(
+        tests_passed([""], [completion], entry_point=[row["entry_point"]], tests=[row["tests"]])[0] == 1.0),
 }
 
 
@@ -123,4 +126,6 @@ REWARDS = {
     "valid_moves": valid_moves,
     "optimality": optimality,
     "hybrid": hybrid,
+    "tests_passed": tests_passed,
+    "code_format": code_format,
 }

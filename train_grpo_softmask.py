@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import yaml
 
-from pipeline.cli import config_option, option, run_stage, stage_command
+from pipeline.cli import backend_options, config_option, option, run_stage, stage_command
 from pipeline.grpo.config import SCALE_REWARDS
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
@@ -64,7 +64,7 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("max_grad_norm", type=float, default=1.0)
 @option("eval_every", type=int, default=10)
 @option("save_every", type=int, default=10)
-@option("backend", type=click.Choice(["hf"]), default="hf")
+@backend_options(gpu_memory_utilization=0.3)
 @option("batch_size", type=int, default=64, help="Generation micro-batch size.")
 @option("seed", type=int, default=0)
 @option("devices", default="1")

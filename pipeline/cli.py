@@ -60,6 +60,26 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
+def backend_options(gpu_memory_utilization: float) -> Callable:
+    """``--backend`` and the vLLM engine options, shared by stages 1 and 3."""
+    decorators = [
+        option("backend", type=click.Choice(["hf", "vllm", "auto"]), default="hf",
+               help="auto: vllm when CUDA and vllm are available, else hf."),
+        option("tensor_parallel_size", type=int, default=1, help="GPUs per vLLM engine."),
+        option("gpu_memory_utilization", type=float, default=gpu_memory_utilization,
+               help="Share of GPU memory vLLM may take."),
+        option("max_model_len", type=int, default=None, help="vLLM context length [default: the model's]."),
+        option("dtype", default="auto", help="vLLM dtype [default: the checkpoint's on GPU, float32 on CPU]."),
+    ]
+
+    def apply(fn: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
 config_option = click.option(
     "--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
     help="YAML file of option defaults (command-line flags win).",

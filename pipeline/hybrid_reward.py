@@ -42,8 +42,10 @@ class HybridReward:
     def __init__(self, reward_model: str, state_path: Path, alpha: float, beta: float, eps: float,
                  batch_size: int, max_length: int):
         path = resolve_model(reward_model)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         except (OSError, ValueError) as err:
             raise UserError(f"--reward_model '{reward_model}' could not be loaded as a sequence classifier "
                             f"({type(err).__name__}): pass a local HF directory or a cached hub id") from err
@@ -53,8 +55,7 @@ class HybridReward:
         self.tokenizer = load_tokenizer(reward_model)
         self.tokenizer.truncation_side = "left"  # the score is read at the last token: keep the end
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
+        self.model.to(device).eval()
         self.reward_model, self.state_path = reward_model, Path(state_path)
         self.alpha, self.beta, self.eps = alpha, beta, eps
         self.batch_size, self.max_length = batch_size, max_length

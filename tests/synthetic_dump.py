@@ -29,7 +29,7 @@ from pipeline.dump import schema_for, tokenizer_fingerprint
 LENGTH, K1, K2, NOISE = 12, 3, 8, 0.1
 PROMPT_POOL = np.arange(3, 60)  # the tiny tokenizer's ids 0..2 are special tokens
 PROMPT_END = [1, 90]  # like a chat template's "<|im_start|>assistant": f(0) is read at the same token
-POOLS = (np.arange(60, 66), np.arange(70, 76), np.arange(80, 86))  # fillers before K1, between, after K2
+POOLS = (np.arange(60, 62), np.arange(70, 72), np.arange(80, 82))  # fillers before K1, between, after K2
 GOOD1, BAD1, GOOD2, BAD2 = 250, 251, 252, 253
 REWARD_NAME = "marker"
 
@@ -81,7 +81,7 @@ def write_synthetic_dump(path: Path, tokenizer, model_name: str, *, n_prompts: i
     """Write ``path`` (a parquet file) with stage 1's schema and key-value metadata.
 
     ``zero_variance_prompts``: the first prompts get reward 0 for every completion;
-    ``nan_groups``: the first groups get one NaN reward (a failed reward function).
+    ``nan_groups``: the last groups get one NaN reward (a failed reward function).
     """
     rng = np.random.default_rng(seed)
     rows = []
@@ -103,7 +103,7 @@ def write_synthetic_dump(path: Path, tokenizer, model_name: str, *, n_prompts: i
             rewards = np.array([r["reward"] for r in group])
             if prompt_id < zero_variance_prompts:
                 rewards[:] = 0.0
-            if group_id < nan_groups:
+            if group_id >= n_prompts * groups_per_prompt - nan_groups:
                 rewards[0] = np.nan
             for completion_id, (row, reward) in enumerate(zip(group, rewards, strict=True)):
                 row.update(prompt_id=prompt_id, prompt_text=tokenizer.decode(prompt), prompt_token_ids=prompt,

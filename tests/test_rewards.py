@@ -14,9 +14,12 @@ from pipeline.answers import evaluate_arithmetic
 COUNTDOWN = {"task_name": "countdown", "numbers": [25, 4, 3], "target": 97, "answer": "97"}
 
 
+COUNTDOWN_REWARDS = ("correct", "format", "valid_expression", "uses_numbers")
+
+
 def countdown_scores(completion: str) -> dict[str, float]:
     cols = {k: [v] for k, v in COUNTDOWN.items()}
-    return {name: fn([""], [completion], **cols)[0] for name, fn in rewards.REWARDS.items()}
+    return {name: rewards.REWARDS[name]([""], [completion], **cols)[0] for name in COUNTDOWN_REWARDS}
 
 
 @pytest.mark.parametrize("completion, expected", [

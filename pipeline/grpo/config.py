@@ -49,6 +49,10 @@ class GRPOArgs:
     eval_every: int = 10
     save_every: int = 10
     backend: str = "hf"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.3  # colocated with training: leave the rest to the policy
+    max_model_len: int | None = None
+    dtype: str = "auto"
     batch_size: int = 64
     seed: int = 0
     devices: str = "1"
@@ -61,7 +65,8 @@ class GRPOArgs:
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
-        skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend"}
+        skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend",
+                "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype"}
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 

@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from pipeline import artifacts, samplers
 from pipeline.errors import UserError
-from pipeline.generation import HFBackend, SamplingParams
+from pipeline.generation import SamplingParams
+from pipeline.generation.select import make_backend, resolve_backend
+from pipeline.generation.vllm import VLLMOptions
 from pipeline.grpo.advantages import group_advantages, zero_std_fraction
 from pipeline.grpo.config import NEEDS_IMPORTANCE, GRPOArgs, validate
 from pipeline.grpo.evaluation import evaluate
@@ -119,7 +121,11 @@ class Trainer:
             self.reference = self.fabric.to_device(self.reference)
         if self.importance is not None:
             self.importance.to(self.fabric.device)
-        self.backend = HFBackend(self.policy, self.tokenizer, batch_size=args.batch_size)
+        args.backend = resolve_backend(args.backend)  # the metadata records which one ran
+        self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.policy,
+                                    batch_size=args.batch_size, seed=args.seed,
+                                    vllm=VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization,
+                                                     args.max_model_len, args.dtype))
         self.params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
         self.step = 0
 

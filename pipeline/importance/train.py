@@ -17,8 +17,10 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.artifacts import ensure_writable_dir, now_iso, provenance, write_json
 from pipeline.dump import read_metadata, tokenizer_fingerprint
@@ -90,8 +92,8 @@ def _backbone_ref(backbone: str) -> str:
     return backbone if backbone in GGUF_ALIASES or not path.exists() else str(path.resolve())
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite or mis-resume a run."""
+def _prepare_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> None:
+    """Refuse to overwrite a run, or to resume one that is missing or was started with other data/network."""
     last = run_dir / "checkpoints" / LAST_CKPT
     if resume:
         if not last.is_file():
@@ -102,13 +104,12 @@ def _prepare_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> P
         if changed:
             raise UserError(f"--resume: {', '.join(changed)} differ from the run in '{run_dir}': resume with "
                             f"the same values, or pass a new --run_name")
-        return last
+        return
     if any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "export").exists():
         raise UserError(f"run '{run_dir}' exists: pass --resume to continue it or --run_name for a new run")
     ensure_writable_dir(run_dir)
     for stale in ("metrics.csv", *(f"{name}.csv" for name in TABLES)):  # from a run that died before epoch 1
         (run_dir / stale).unlink(missing_ok=True)
-    return None
 
 
 def _devices(value: str | int) -> int | str | list[int]:
@@ -161,6 +162,11 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
             "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
             "report_examples": report_examples}
 
+    is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
+    if is_rank_zero:
+        _prepare_run_dir(run_dir, resume, args)
+    resume_from = run_dir / "checkpoints" / LAST_CKPT if resume else None
+
     baseline_f = best_constant_f(dm.train.z1, dm.train.z2)
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden)
     module = ImportanceModule(net_config.to_dict(), baseline_f, lr, backbone_lr)
@@ -172,19 +178,26 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
                         callbacks=[checkpoint, TableWriter(run_dir)], enable_progress_bar=True,
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
                         default_root_dir=run_dir)
-    resume_from = _prepare_run_dir(run_dir, resume, args) if trainer.is_global_zero else None
     metadata = {"stage": "train_importance_net", "status": "running", "arguments": args, "run_dir": str(run_dir),
                 "reward_column": dm.reward_column, "tokenizer": fingerprint, "dump_metadata": meta,
                 "counts": dm.counts, "baseline_f": baseline_f, "started": started, **provenance()}
-    if trainer.is_global_zero:
+    if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
 
+    # a separate evaluator, so the final evaluation of the best checkpoint is not logged as one more epoch
+    evaluator = L.Trainer(accelerator=accelerator, devices=_devices(devices), precision=precision, logger=False,
+                          enable_checkpointing=False, enable_model_summary=False, default_root_dir=run_dir)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen body, on purpose
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
         trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
-        trainer.validate(module, datamodule=dm, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+        if checkpoint.best_model_path:
+            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+            module.load_state_dict(best["state_dict"], strict=False)
+        evaluator.validate(module, datamodule=dm, verbose=False)
     final = module.val_summary
-    if not trainer.is_global_zero:
+    if not is_rank_zero:
         return final
 
     export_dir = save_export(module.net, run_dir / "export", tokenizer=fingerprint, reward_key=dm.reward_column,

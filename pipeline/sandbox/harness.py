@@ -50,7 +50,7 @@ def main():
     os.dup2(2, 1)
     job = json.load(sys.stdin)
     os.chdir("/work")
-    with open("solution.py", "w") as handle:
+    with open("solution.py", "w", encoding="utf-8") as handle:
         handle.write(job["code"])
     try:
         spec = importlib.util.spec_from_file_location("solution", "/work/solution.py")

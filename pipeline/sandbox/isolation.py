@@ -28,7 +28,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # outside /root, readable by every uid (a py
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 MODES = ("bubblewrap", "unshare")
 ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")  # symlinks into /usr on merged-/usr systems
-HARNESS = (Path(__file__).with_name("harness.py")).read_text()
+HARNESS = Path(__file__).with_name("harness.py").read_text()
 
 
 class SandboxUnavailable(UserError):
@@ -60,10 +60,12 @@ class IsolationReport:
     def summary(self) -> str:
         who = f"dedicated uids from {UID_BASE} via setpriv" if self.as_root else f"own uid {os.getuid()} (not root)"
         namespaces = "user/pid/net/ipc/uts/mount/cgroup" if self.mode == "bubblewrap" else "pid/net/ipc/uts/mount/cgroup"
+        nproc = f"{self.limits.processes}" + ("" if self.as_root else " above what the uid already runs")
         return (f"sandbox: {self.mode}, {who}; {namespaces} namespaces, no capabilities, empty environment, "
                 f"network {self.checks.get('interfaces')}, forks stopped at {self.checks.get('forks')} "
-                f"(RLIMIT_NPROC {self.limits.processes}{'' if self.as_root else ' above the tasks the uid already runs'}), address space {self.limits.address_space_bytes >> 20} MiB, "
-                f"tmpfs /work /tmp /dev/shm {self.limits.tmpfs_bytes >> 20} MiB each, /usr read-only, no /root or /etc")
+                f"(RLIMIT_NPROC {nproc}), address space {self.limits.address_space_bytes >> 20} MiB, "
+                f"tmpfs /work /tmp /dev/shm {self.limits.tmpfs_bytes >> 20} MiB each, /usr read-only, "
+                "no /root or /etc")
 
 
 def tool(name: str) -> str | None:
@@ -71,7 +73,7 @@ def tool(name: str) -> str | None:
 
 
 def missing_tools(mode: str) -> list[str]:
-    needed = ["prlimit", "bwrap" if mode == "bubblewrap" else "unshare", "setpriv"]
+    needed = ["prlimit", "setpriv", *(["bwrap"] if mode == "bubblewrap" else ["unshare", "mount", "chroot"])]
     missing = [t for t in needed if tool(t) is None]
     return missing + ([] if os.path.exists(SYSTEM_PYTHON) else [SYSTEM_PYTHON])
 
@@ -97,7 +99,7 @@ def command(mode: str, uid: int, limits: Limits, timeout_s: float) -> list[str]:
         return rlimits + drop + _bwrap(limits) + python
     return rlimits + [tool("unshare"), "--pid", "--fork", "--kill-child", "--mount", "--net", "--ipc", "--uts",
                       "--cgroup", "--propagation", "private", "--", "/bin/sh", "-c", UNSHARE_ROOT, "sh",
-                      str(uid), str(limits.tmpfs_bytes), *drop, "/usr/bin/env", "-i", *python]
+                      str(limits.tmpfs_bytes), " ".join(ROOT_LINKS), *drop, "/usr/bin/env", "-i", *python]
 
 
 def _root_links() -> list[tuple[str, str | None]]:
@@ -128,14 +130,14 @@ def _bwrap(limits: Limits) -> list[str]:
 # keeps unshare's parent-death signal (a credential change would clear it).
 UNSHARE_ROOT = r"""
 set -eu
-uid=$1; size=$2; shift 2
+size=$1; links=$2; shift 2
 mount -t tmpfs -o size=1m,mode=0700 sandbox /tmp
 r=/tmp/root; mkdir $r
 mount -t tmpfs -o size=1m,mode=0755 sandbox $r
 mkdir $r/usr $r/proc $r/dev $r/tmp $r/work
 ro_bind() { mkdir -p "$2"; mount --bind "$1" "$2"; mount -o remount,bind,ro,nosuid,nodev "$2"; }
 ro_bind /usr $r/usr
-for n in bin sbin lib lib32 lib64 libx32; do
+for n in $links; do
   if [ -L /$n ]; then ln -s "$(readlink /$n)" $r/$n; elif [ -d /$n ]; then ro_bind /$n $r/$n; fi
 done
 mount -t proc -o nosuid,nodev,noexec proc $r/proc
@@ -144,6 +146,6 @@ mkdir $r/dev/shm
 for d in tmp dev/shm work; do mount -t tmpfs -o size=$size,mode=1777,nosuid,nodev sandbox $r/$d; done
 mount -o remount,ro $r
 cd /
-chroot $r "$@"
+chroot $r "$@"  # not the last command, so the shell forks it rather than exec'ing it
 exit $?
 """

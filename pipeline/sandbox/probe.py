@@ -20,6 +20,7 @@ from pipeline.sandbox.isolation import (
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 15.0
+MAX_VISIBLE_PIDS = 4  # the probe itself (and unshare's root shell): anything more is the host's
 CHECK_SOURCE = Path(__file__).with_name("probe_check.py").read_text()
 
 
@@ -49,14 +50,15 @@ def _probe_mode(mode: str, limits: Limits) -> IsolationReport:
     run = execute(mode, limits, CHECK_SOURCE, "check", [[2 * limits.address_space_bytes]], PROBE_TIMEOUT_S)
     record = run.records[0]
     if record is None or "value" not in record:
-        reason = run.load_error or (record or {}).get("error") or run.stderr_tail.strip().splitlines()[-1:] or "no result"
+        said = run.stderr_tail.strip().splitlines()
+        reason = (run.load_error or (record or {}).get("error") or ("timed out" if run.timed_out else None)
+                  or (said[-1] if said else "no result"))
         raise SandboxUnavailable(f"probe did not run ({reason})")
     checks = record["value"]
     problems = _problems(checks, limits)
     if problems:
         raise SandboxUnavailable("; ".join(problems))
-    return IsolationReport(mode=mode, as_root=os.geteuid() == 0,
-                           limits=limits, checks=checks)
+    return IsolationReport(mode=mode, as_root=os.geteuid() == 0, limits=limits, checks=checks)
 
 
 def _problems(checks: dict, limits: Limits) -> list[str]:
@@ -75,6 +77,6 @@ def _problems(checks: dict, limits: Limits) -> list[str]:
         problems.append(f"network interfaces {checks.get('interfaces')}")
     if set(checks.get("environment") or []) - {"PWD", "LC_CTYPE"}:
         problems.append(f"environment not cleared: {checks.get('environment')}")
-    if checks.get("visible_pids", 1000) > limits.processes:
+    if checks.get("visible_pids", MAX_VISIBLE_PIDS + 1) > MAX_VISIBLE_PIDS:
         problems.append("host processes visible (no PID namespace)")
     return problems

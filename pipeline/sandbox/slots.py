@@ -29,6 +29,11 @@ class UidPool:
         self._held: dict[int, int] = {}  # uid -> lock file descriptor
         self._lock = threading.Lock()
 
+    @property
+    def claimed(self) -> list[int]:
+        """The uids this process holds (each runs nothing between our runs)."""
+        return sorted(self._held)
+
     @contextmanager
     def take(self) -> Iterator[int]:
         """A uid nobody else is running under, for the duration of one run."""

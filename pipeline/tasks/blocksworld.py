@@ -23,7 +23,6 @@ TABLE = "table"
 LEVELS = {0: (3, 2), 1: (4, 3), 2: (5, 4), 3: (6, 5), 4: (7, 6)}
 MOVE_LINE = re.compile(r"(?:\d+[.)]|[-*])?\s*move\s+([a-z])\s+(?:on)?to\s+(?:the\s+)?([a-z]|table)\s*\.?",
                        re.IGNORECASE)
-MAX_PLAN_LINES = 100
 
 
 def canonical(piles: Sequence[Sequence[str]]) -> State:
@@ -122,9 +121,9 @@ def random_state(rng: np.random.Generator, blocks: Sequence[str]) -> State:
 
 def parse_plan(text: str) -> list[Move | None]:
     """One entry per non-empty line: the move it states, or None for a line that is not a move."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     moves: list[Move | None] = []
-    for line in lines[:MAX_PLAN_LINES + 1]:
+    lines = (raw.strip() for raw in text.splitlines())
+    for line in filter(None, lines):
         found = MOVE_LINE.fullmatch(line)
         moves.append(None if found is None else (found[1].upper(),
                                                  TABLE if found[2].lower() == TABLE else found[2].upper()))
@@ -148,7 +147,7 @@ def check_plan(plan_text: str | None, initial: Sequence[Sequence[str]], goal: Se
         if state is None:
             break
         legal += 1
-    done = bool(moves) and legal == len(moves) and len(moves) <= MAX_PLAN_LINES and state == canonical(goal)
+    done = bool(moves) and legal == len(moves) and state == canonical(goal)
     return PlanCheck(len(moves), legal, done)
 
 

@@ -236,13 +236,17 @@ def defines(code: str, name: str) -> bool:
 
 
 def tests_passed(prompts, completions, entry_point=None, tests=None, **_) -> list[float]:
-    """Share of the row's hidden tests that the completion's last code block passes, run in the sandbox."""
+    """Share of the row's hidden tests that the completion's last code block passes, run in the sandbox.
+
+    ``tests``: per row, a JSON string (or list) of ``{"args": [...], "expected": ...}``; rows without
+    ``entry_point``/``tests`` (other tasks in a mixture) score 0.
+    """
     scores = [0.0] * len(completions)
     jobs, rows = [], []
     for i, completion in enumerate(completions):
         code = extract_code(completion)
-        if code is not None and entry_point is not None and entry_point[i] and tests[i]:
-            jobs.append((code, entry_point[i], json.loads(tests[i])))
+        if code is not None and entry_point is not None and tests is not None and entry_point[i] and tests[i]:
+            jobs.append((code, entry_point[i], json.loads(tests[i]) if isinstance(tests[i], str) else tests[i]))
             rows.append(i)
     for i, result in zip(rows, run_batch(jobs) if jobs else [], strict=True):
         scores[i] = result.share

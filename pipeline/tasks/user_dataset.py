@@ -15,7 +15,7 @@ REQUIRED = ("question", "answer")
 def load_user_dataset(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     try:
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True, dtype=False)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read dataset '{path}' ({type(err).__name__}): give a JSONL or parquet file") from err
     missing = [c for c in REQUIRED if c not in frame.columns]

@@ -1,0 +1,107 @@
+"""The network's f(t) alignment, batching, the export round trip (in this process and another), load errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.dump import tokenizer_fingerprint
+from pipeline.errors import UserError
+from pipeline.importance import ImportanceScorer, load
+from pipeline.importance.export import CONFIG_FILE, save_export
+from pipeline.importance.loss import F_MAX
+from pipeline.importance.model import ImportanceNet, NetConfig
+from pipeline.models import load_tokenizer
+
+PROMPTS = [[5, 6, 7, 1, 90], [9, 1, 90], [11, 12, 13, 14, 15, 16, 1, 90]]
+COMPLETIONS = [[60, 61, 250, 70], [], [80, 81, 82, 83, 84, 85, 86]]
+
+
+def _net(model_dir, mode: str = "frozen", seed: int = 0, **kwargs) -> ImportanceNet:
+    """A network whose trainable weights are random (not the init), so a lost weight shows up in the scores."""
+    net = ImportanceNet(NetConfig(str(model_dir), backbone_mode=mode, **kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.trainable_state_dict().values():
+            p.add_(0.5 * torch.randn(p.shape, generator=generator))
+    return net.eval()
+
+
+def _info(model_dir) -> dict:
+    return {"tokenizer": tokenizer_fingerprint(load_tokenizer(str(model_dir))), "reward_key": "reward",
+            "group_stats": "prompt", "baseline_f": 0.3}
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_dir):
+    return ImportanceScorer(_net(tiny_model_dir, head_hidden=8), _info(tiny_model_dir))
+
+
+def test_f_t_is_read_at_the_last_token_of_prompt_plus_prefix(scorer):
+    """One forward over prompt + completion equals a separate forward on each truncated input."""
+    prompt, completion = PROMPTS[0], COMPLETIONS[0]
+    f = scorer.score(prompt, completion)
+    assert f.shape == (len(completion) + 1,)
+    for t in range(len(completion) + 1):
+        ids = torch.tensor([prompt + completion[:t]])
+        direct = scorer.net(ids, torch.ones_like(ids), torch.tensor([[ids.shape[1] - 1]]))
+        assert f[t].item() == pytest.approx(direct.item(), abs=1e-5)
+    assert ((f >= 0) & (f <= F_MAX)).all() and f.std() > 1e-3  # the random head gives varying f
+
+
+def test_batched_scores_match_one_at_a_time(scorer):
+    batched = scorer.score(PROMPTS, COMPLETIONS, batch_size=2)
+    assert [len(f) for f in batched] == [len(c) + 1 for c in COMPLETIONS]
+    for prompt, completion, f in zip(PROMPTS, COMPLETIONS, batched, strict=True):
+        torch.testing.assert_close(f, scorer.score(torch.tensor(prompt), torch.tensor(completion, dtype=torch.long)),
+                                   atol=1e-5, rtol=0)
+
+
+def test_score_padded_repeats_the_last_value(scorer):
+    padded = scorer.score_padded(PROMPTS, COMPLETIONS, width=9)
+    assert padded.shape == (3, 10)
+    assert (padded[1] == padded[1, 0]).all()  # empty completion: f(0) everywhere, so every delta is 0
+    torch.testing.assert_close(padded[0, :5], scorer.score(PROMPTS[0], COMPLETIONS[0]))
+    with pytest.raises(ValueError, match="longer than width"):
+        scorer.score_padded(PROMPTS, COMPLETIONS, width=3)
+
+
+@pytest.mark.parametrize(("mode", "extra"), [("frozen", {}), ("last_k", {"last_k": 1}), ("lora", {"lora_r": 2})])
+def test_export_round_trip(tiny_model_dir, tmp_path, mode, extra):
+    net = _net(tiny_model_dir, mode, seed=1, **extra)
+    before = ImportanceScorer(net, _info(tiny_model_dir)).score(PROMPTS, COMPLETIONS)
+    path = save_export(net, tmp_path / "export", **_info(tiny_model_dir))
+    loaded = load(path)
+    assert loaded.tokenizer_fingerprint == _info(tiny_model_dir)["tokenizer"]
+    assert (loaded.reward_key, loaded.group_stats, loaded.backbone) == ("reward", "prompt", str(tiny_model_dir))
+    for a, b in zip(before, loaded.score(PROMPTS, COMPLETIONS), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    if mode == "frozen":
+        assert json.loads((path / CONFIG_FILE).read_text())["net"]["backbone_mode"] == "frozen"
+        assert sorted(net.trainable_state_dict()) == ["head.bias", "head.weight"]
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers + lightning: ~10-30 s
+def test_export_loads_in_another_process(tiny_model_dir, tmp_path):
+    net = _net(tiny_model_dir, seed=2)
+    path = save_export(net, tmp_path / "export", **_info(tiny_model_dir))
+    expected = ImportanceScorer(net, _info(tiny_model_dir)).score(PROMPTS[0], COMPLETIONS[0])
+    code = ("import sys, pipeline.importance as imp; "
+            f"print(imp.load(sys.argv[1]).score({PROMPTS[0]}, {COMPLETIONS[0]}).tolist())")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_load_refuses_what_is_not_a_matching_export(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="not an importance-net export"):
+        load(tmp_path)
+    path = save_export(_net(tiny_model_dir), tmp_path / "export", **_info(tiny_model_dir))
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["tokenizer"]["vocab_sha256"] = "0" * 16
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(UserError, match="backbone changed since training"):
+        load(path)
