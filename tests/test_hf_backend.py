@@ -30,8 +30,9 @@ def test_sample_depends_on_its_seed_not_its_batch(backend):
 
 def test_budget_and_finish_reason(backend):
     out = backend.generate([Request([5, 6], 3, 1), Request([5, 6], 7, 2)], SamplingParams(temperature=1.0))
-    assert [len(c.token_ids) for c in out] <= [3, 7]
-    assert all(c.finish_reason == ("length" if len(c.token_ids) == n else "stop") for c, n in zip(out, [3, 7]))
+    for completion, budget in zip(out, [3, 7], strict=True):
+        assert len(completion.token_ids) <= budget
+        assert completion.finish_reason == ("length" if len(completion.token_ids) == budget else "stop")
 
 
 def test_gumbel_sampling_matches_softmax():
