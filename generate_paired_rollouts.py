@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import backend_options, config_option, option, run_stage, stage_command
+from pipeline.cli import (
+    backend_options,
+    config_option,
+    option,
+    reward_model_options,
+    run_stage,
+    stage_command,
+)
 from pipeline.models import DEFAULT_MODEL
 
 
@@ -28,6 +35,7 @@ def _levels(_ctx, _param, value) -> tuple[int, ...]:
 @option("top_p", type=float, default=1.0)
 @option("seed", type=int, default=0)
 @option("rewards", default="", help="name=weight,... from rewards.py (default: the task's).")
+@reward_model_options
 @option("split_quantile", type=float, default=0.9, help="t ~ U{0..quantile of other prompts' lengths}.")
 @option("max_split_tokens", type=int, default=None, help="Fixed t_max instead of the quantile rule.")
 @option("prompts_per_chunk", type=int, default=4, help="Prompts per written chunk (the unit of resume).")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 import yaml
 
-from pipeline.cli import backend_options, config_option, option, run_stage, stage_command
+from pipeline.cli import (
+    backend_options,
+    config_option,
+    option,
+    reward_model_options,
+    run_stage,
+    stage_command,
+)
 from pipeline.grpo.config import SCALE_REWARDS
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
@@ -51,6 +58,7 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("temperature", type=float, default=1.0)
 @option("top_p", type=float, default=1.0)
 @option("rewards", default="", help="name=weight,... from rewards.py (default: the task's).")
+@reward_model_options
 @option("loss_type", type=click.Choice(sorted(POLICY_LOSSES)), default="dapo")
 @option("scale_rewards", type=click.Choice(SCALE_REWARDS), default="group")
 @option("epsilon", type=float, default=0.2)

@@ -80,6 +80,14 @@ def backend_options(gpu_memory_utilization: float) -> Callable:
     return apply
 
 
+def reward_model_options(fn: Callable) -> Callable:
+    """``--reward_model`` and its calibration size, for the ``hybrid`` reward (stages 1 and 3)."""
+    fn = option("rm_calibration_prompts", type=int, default=16,
+                help="Prompts of the warm-up pass that calibrates the hybrid reward's RM range.")(fn)
+    return option("reward_model", default=None,
+                  help="Sequence-classification RM for the 'hybrid' reward (HF dir or hub id).")(fn)
+
+
 config_option = click.option(
     "--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
     help="YAML file of option defaults (command-line flags win).",

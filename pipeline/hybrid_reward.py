@@ -15,7 +15,7 @@ yet); the ``hybrid`` entry of rewards.py then reads the configured instance via 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from transformers import AutoModelForSequenceClassification
 
 from pipeline.artifacts import now_iso, write_json
 from pipeline.errors import UserError
+from pipeline.generation.base import GenerationBackend, Request, SamplingParams
 from pipeline.models import load_tokenizer, resolve_model
 
 
@@ -134,3 +135,25 @@ def active_hybrid() -> HybridReward:
     if _active is None:
         raise RuntimeError("reward 'hybrid' needs a reward model: pass --reward_model")
     return _active
+
+
+def prepare_hybrid(weights: Mapping[str, float], reward_model: str | None, state_path: Path,
+                   backend: Callable[[], GenerationBackend], tokenizer,
+                   prompts: Sequence[tuple[str, list[int]]], questions: Sequence[str], num_prompts: int,
+                   params: SamplingParams, seed: int) -> dict[str, Any] | None:
+    """What a stage does before scoring: load the RM and calibrate once, on one sample per prompt.
+
+    A rerun or resume finds the calibration in ``state_path`` and skips the warm-up pass.
+    """
+    if "hybrid" not in weights:
+        return None
+    if not reward_model:
+        raise UserError("--rewards hybrid needs --reward_model PATH_OR_ID (a one-output sequence classifier)")
+    hybrid = configure_hybrid(reward_model, state_path)
+    if hybrid.calibration is None:
+        warmup = list(prompts[:num_prompts])
+        requests = [Request(ids, params.max_new_tokens, seed + i) for i, (_, ids) in enumerate(warmup)]
+        completions = backend().generate(requests, params)
+        texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        hybrid.calibrate([text for text, _ in warmup], texts, list(questions[:num_prompts]))
+    return hybrid.metadata()

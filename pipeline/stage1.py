@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from pipeline import artifacts, dump
 from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
+from pipeline.hybrid_reward import prepare_hybrid
 from pipeline.models import load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.rollouts import PairingConfig, Prompt, generated_token_count, sample_pairs, to_frame, to_table
@@ -41,6 +43,8 @@ class Stage1Args:
     top_p: float = 1.0
     seed: int = 0
     rewards: dict[str, float] = field(default_factory=dict)
+    reward_model: str | None = None
+    rm_calibration_prompts: int = 16
     split_quantile: float = 0.9
     max_split_tokens: int | None = None
     prompts_per_chunk: int = 4
@@ -59,7 +63,7 @@ class Stage1Args:
     def identity(self) -> dict[str, Any]:
         """The arguments that decide the dump's content: same identity -> same directory -> resume."""
         keys = ("model_name", "task_name", "group_size", "groups_per_prompt", "num_prompts", "levels",
-                "max_new_tokens", "temperature", "top_p", "seed", "rewards", "split_quantile",
+                "max_new_tokens", "temperature", "top_p", "seed", "rewards", "reward_model", "split_quantile",
                 "max_split_tokens", "prompts_per_chunk")
         return {k: getattr(self, k) for k in keys} | {"levels": list(self.levels)}
 
@@ -156,12 +160,15 @@ def run(args: Stage1Args) -> Path:
     started, t0 = artifacts.now_iso(), time.perf_counter()
     if len(todo) < len(mine):
         log.info("resuming %s: %d of %d chunks already written", path, len(mine) - len(todo), len(mine))
-    backend = _make_backend(args, tokenizer) if todo else None
+    backend = functools.cache(lambda: _make_backend(args, tokenizer))  # built only if there is work
+    hybrid = prepare_hybrid(args.rewards, args.reward_model, path / "hybrid_calibration.json", backend, tokenizer,
+                            [(p.text, p.token_ids) for p in prompts], [p.row["question"] for p in prompts],
+                            args.rm_calibration_prompts, params, args.seed) if todo else None
     generated_tokens, completions, failures = 0, 0, {}
     bar = tqdm(todo, desc="chunks", unit="chunk")
     for c in bar:
         rng = np.random.default_rng([args.seed, c])
-        records = sample_pairs(backend, chunks[c], params, pairing, args.seed, rng)
+        records = sample_pairs(backend(), chunks[c], params, pairing, args.seed, rng)
         frame, chunk_failures = to_frame(records, tokenizer, args.rewards)
         for name, n in chunk_failures.items():
             failures[name] = failures.get(name, 0) + n
@@ -179,7 +186,7 @@ def run(args: Stage1Args) -> Path:
         "chunks_generated_this_run": len(todo), "completions_this_run": completions,
         "generated_tokens_this_run": generated_tokens,
         "tokens_per_s": round(generated_tokens / runtime, 2) if todo else None,
-        "reward_failures_this_run": failures, "counts": counts, **artifacts.provenance(),
+        "reward_failures_this_run": failures, "hybrid_reward": hybrid, "counts": counts, **artifacts.provenance(),
     }
     artifacts.write_json(path / _metadata_name(args), metadata)
     print_summary(path, metadata)

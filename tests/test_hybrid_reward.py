@@ -97,3 +97,47 @@ def test_misuse_fails_clearly(reward_model_dir, tmp_path):
         configure_hybrid(str(reward_model_dir), tmp_path / "other.json")
     with pytest.raises(UserError, match="eps > 0"):
         configure_hybrid(str(reward_model_dir), tmp_path / "c.json", eps=0)
+
+
+def test_stage1_and_stage3_train_on_the_hybrid_reward(reward_model_dir, tiny_model_dir, tmp_path):
+    """Through both CLIs: calibrated once, dumped with group statistics, reused on resume, trained on."""
+    from click.testing import CliRunner
+
+    from generate_paired_rollouts import main as stage1
+    from pipeline.dump import read_dump
+    from train_grpo_softmask import main as stage3
+
+    common = ["--model_name", str(tiny_model_dir), "--task_name", "arithmetic", "--max_new_tokens", "6",
+              "--rewards", "correct=1,hybrid=1", "--reward_model", str(reward_model_dir),
+              "--rm_calibration_prompts", "3", "--out_dir", str(tmp_path)]
+    result = CliRunner().invoke(stage1, [*common, "--group_size", "4", "--num_prompts", "2"])
+    assert result.exit_code == 0, result.output
+    (dump,) = tmp_path.glob("arithmetic/tiny-llama/rollouts_*")
+    frame = read_dump(dump).to_pandas()
+    assert np.isfinite(frame["reward_hybrid"]).all() and frame["reward_hybrid_group_var"].gt(0).all()
+    calibration = json.loads((dump / "hybrid_calibration.json").read_text())
+    assert calibration["num_samples"] == 2 and calibration["min"] < calibration["max"]
+    meta = json.loads((dump / "rollouts_metadata.json").read_text())
+    assert meta["hybrid_reward"]["calibration"] == calibration
+
+    result = CliRunner().invoke(stage3, [*common, "--group_size", "2", "--prompts_per_step", "2",
+                                         "--max_steps", "1", "--eval_prompts", "1", "--num_train_prompts", "4"])
+    assert result.exit_code == 0, result.output
+    (run,) = tmp_path.glob("arithmetic/tiny-llama/grpo/*")
+    created = json.loads((run / "hybrid_calibration.json").read_text())["created"]
+    result = CliRunner().invoke(stage3, [*common, "--group_size", "2", "--prompts_per_step", "2",
+                                         "--max_steps", "2", "--eval_prompts", "1", "--num_train_prompts", "4",
+                                         "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "hybrid_calibration.json").read_text())["created"] == created
+    assert "reward/hybrid" in (run / "metrics.csv").read_text()
+
+
+def test_hybrid_without_reward_model_is_refused(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from generate_paired_rollouts import main as stage1
+
+    result = CliRunner().invoke(stage1, ["--model_name", str(tiny_model_dir), "--task_name", "arithmetic",
+                                         "--rewards", "hybrid=1", "--out_dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--rewards hybrid needs --reward_model" in result.stderr

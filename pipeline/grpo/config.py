@@ -35,6 +35,8 @@ class GRPOArgs:
     temperature: float = 1.0
     top_p: float = 1.0
     rewards: dict[str, float] = field(default_factory=dict)
+    reward_model: str | None = None
+    rm_calibration_prompts: int = 16
     loss_type: str = "dapo"
     scale_rewards: str = "group"
     epsilon: float = 0.2

@@ -37,6 +37,7 @@ from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
 from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve
 from pipeline.grpo.rollout import Experience, collect
 from pipeline.grpo.softmask import soft_mask_weights, weight_stats
+from pipeline.hybrid_reward import prepare_hybrid
 from pipeline.models import load_causal_lm, load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.scoring import parse_reward_weights
@@ -128,6 +129,10 @@ class Trainer:
                                                      args.max_model_len, args.dtype))
         self.params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
         self.step = 0
+        self.hybrid = prepare_hybrid(args.rewards, args.reward_model, self.run_dir / "hybrid_calibration.json",
+                                     lambda: self.backend, self.tokenizer, self.prompts,
+                                     [row["question"] for row in self.rows], args.rm_calibration_prompts,
+                                     self.params, args.seed)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -327,7 +332,7 @@ class Trainer:
         final_eval = evals[evals["step"] == evals["step"].max()] if not evals.empty else evals
         metadata = {"arguments": asdict(self.args), "run_dir": str(self.run_dir), "started": started,
                     "finished": artifacts.now_iso(), "runtime_s_this_process": round(runtime, 2),
-                    "steps": self.step, "final_eval": final_eval.to_dict("records"),
+                    "steps": self.step, "hybrid_reward": self.hybrid, "final_eval": final_eval.to_dict("records"),
                     "final_metrics": metrics.iloc[-1].to_dict() if not metrics.empty else {},
                     **artifacts.provenance()}
         artifacts.write_json(self.run_dir / "metadata.json", metadata)
