@@ -19,8 +19,9 @@ from pipeline.importance.train import PRECISIONS, run
         help="Stage-1 dump: a parquet file or a directory of part files.")
 @option("backbone", default=None, help="LM backbone (alias, HF dir or hub id) [default: the dump's model_name].")
 @option("reward_key", default="reward", help="Reward column to model: reward, reward_<name> or <name>.")
-@option("group_stats", type=click.Choice(GROUP_STATS), default="group",
-        help="m_q, v_q from the pair's own group, or pooled over every completion of the prompt.")
+@option("group_stats", type=click.Choice(GROUP_STATS), default="prompt",
+        help="m_q, v_q pooled over every completion of the prompt in the dump, or from the pair's own group "
+             "(biased for small groups: docs/importance.md).")
 @option("backbone_mode", type=click.Choice(BACKBONE_MODES), default="frozen", help="What of the backbone trains.")
 @option("last_k", type=int, default=1, help="Trainable last layers (--backbone_mode last_k).")
 @option("lora_r", type=int, default=8, help="LoRA rank (--backbone_mode lora).")
@@ -29,7 +30,7 @@ from pipeline.importance.train import PRECISIONS, run
 @option("val_fraction", type=float, default=0.1, help="Share of prompts held out for validation.")
 @option("max_epochs", type=int, default=10)
 @option("batch_size", type=int, default=32, help="Pairs per batch.")
-@option("lr", type=float, default=1e-3, help="Learning rate of the head.")
+@option("lr", type=float, default=1e-2, help="Learning rate of the head.")
 @option("backbone_lr", type=float, default=1e-4, help="Learning rate of trainable backbone weights.")
 @option("precision", type=click.Choice(PRECISIONS), default="32-true")
 @option("devices", default="1", help="Lightning devices: a count, 'auto', or ids like 0,1.")

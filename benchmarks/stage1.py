@@ -25,6 +25,7 @@ from pipeline.generation.base import Request, SamplingParams
 from pipeline.rollouts import (
     PairingConfig,
     generated_token_count,
+    group_statistics,
     request_seed,
     sample_pairs,
     to_frame,
@@ -34,6 +35,7 @@ from pipeline.scoring import parse_reward_weights
 from pipeline.tasks import default_rewards
 
 TARGET = 1.10
+BENCH_REWARD = "length"  # the reward column stage 2 fits, see write_dump
 
 
 @dataclass
@@ -58,15 +60,26 @@ def reward_weights() -> dict[str, float]:
     return parse_reward_weights(None, default_rewards(TASK))
 
 
-def write_dump(ctx: Context, frames: list, group_size: int) -> Path:
-    """The paired rounds as a stage-1 dump directory (one part file per round) for stage 2."""
+def write_dump(ctx: Context, frames: list, group_size: int, max_new_tokens: int) -> Path:
+    """The paired rounds as a stage-1 dump directory (one part file per round) for stage 2.
+
+    Besides the task's rewards it holds ``reward_length`` (completion length / max_new_tokens, with
+    its group statistics): the 135M model's task reward is constant in most groups at these
+    lengths, which leaves stage 2 too few informative pairs to train on, while lengths vary in
+    almost every group. Throughput does not depend on which reward column is fitted.
+    """
     weights = reward_weights()
-    kv = {"model_name": MODEL, "task_name": TASK, "group_size": group_size, "reward_names": list(weights),
+    names = [*weights, BENCH_REWARD]
+    kv = {"model_name": MODEL, "task_name": TASK, "group_size": group_size, "reward_names": names,
           "reward_weights": weights, "tokenizer": dump.tokenizer_fingerprint(ctx.tokenizer)}
-    schema = dump.schema_for(list(weights), kv)
+    schema = dump.schema_for(names, kv)
     path = ctx.workdir / "stage1" / "rollouts_bench"
     path.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(frames):
+        frame = frame.copy()
+        column = f"reward_{BENCH_REWARD}"
+        frame[column] = frame["num_completion_tokens"] / max_new_tokens
+        frame[f"{column}_group_mean"], frame[f"{column}_group_var"] = group_statistics(frame, column)
         dump.write_part(path / f"part-{i:05d}.parquet", to_table(frame, schema))
     return path
 
@@ -119,7 +132,7 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
             if variant == "paired":
                 frames.append(frame)
 
-    dump_path = write_dump(ctx, frames, cfg.group_size)
+    dump_path = write_dump(ctx, frames, cfg.group_size, cfg.max_new_tokens)
     ctx.shared["stage1_dump"] = dump_path
     summary: dict[str, Any] = {"config": asdict(cfg), "samples": samples, "dump": str(dump_path),
                                "load_average_before": load_before, "load_average_after": load_average()}

@@ -6,10 +6,11 @@ changed) to time the fit and, with an added callback, the training batches of ea
 frozen backbone the first epoch runs the backbone on every pair and caches the features, later
 epochs only train the head, so both are reported.
 
-Scoring: ``load(export).score(prompt_ids, completion_ids)`` over every completion of the dump,
-interleaved round by round with plain sampling of the same backend as stage 1 (G requests per
-prompt); tokens/s = completion tokens scored (or decoded) per second. Target (issue): scoring is
-at least 10x faster per token than generation.
+Scoring against generation, round by round in one process: plain sampling with the stage-1
+backend (``gen_prompts`` prompts x G requests, one batch), then ``load(export).score(prompt_ids,
+completion_ids)`` of exactly those completions. tokens/s = completion tokens decoded (or scored)
+per second, so the ratio is generation time / scoring time of the same tokens. Target (issue):
+scoring is at least 10x faster per token than generation.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ import lightning as L
 
 from benchmarks import stage1
 from benchmarks.common import MODEL, Context, prompts
-from benchmarks.timing import Check, Stopwatch, load_average, median, ratio, rounds
-from pipeline import dump
+from benchmarks.timing import Check, Stopwatch, load_average, median, ratio
 from pipeline.generation.base import Request, SamplingParams
 from pipeline.rollouts import request_seed
 
@@ -70,7 +70,9 @@ class BatchTimer(L.Callback):
 
 
 def train(ctx: Context, dump_path: Path, cfg: Config) -> dict[str, Any]:
+    from pipeline.errors import UserError
     from pipeline.importance import train as importance_train
+    from pipeline.importance.data import load_pairs
 
     timer, fit_time = BatchTimer(), {}
     original_fit = L.Trainer.fit
@@ -83,10 +85,14 @@ def train(ctx: Context, dump_path: Path, cfg: Config) -> dict[str, Any]:
         return result
 
     with mock.patch.object(L.Trainer, "fit", timed_fit), Stopwatch() as total:
-        result = importance_train.run(dump_path, backbone=MODEL, max_epochs=cfg.max_epochs, batch_size=cfg.batch_size,
+        result = importance_train.run(dump_path, backbone=MODEL, reward_key=stage1.BENCH_REWARD, max_epochs=cfg.max_epochs, batch_size=cfg.batch_size,
                                       val_fraction=cfg.val_fraction, out_dir=ctx.workdir / "stage2",
                                       run_name="bench", report_examples=0)
     meta = json.loads((Path(result["run_dir"]) / "metadata.json").read_text())
+    try:  # how many pairs the task reward itself would have left
+        task_reward_pairs = load_pairs(dump_path, "reward")[1]["pairs_kept"]
+    except UserError:
+        task_reward_pairs = 0
     counts = meta["counts"]
     pairs_train = counts["pairs_train"]
     epochs = timer.epochs
@@ -103,6 +109,7 @@ def train(ctx: Context, dump_path: Path, cfg: Config) -> dict[str, Any]:
                                      if len(epochs) > 1 else float("nan")),
         "pairs_per_s_fit": ratio(trained_pairs, fit_time.get("s", float("nan"))),
         "pairs_per_s_end_to_end": ratio(trained_pairs, total.seconds),
+        "reward_key": stage1.BENCH_REWARD, "informative_pairs_with_task_reward": task_reward_pairs,
         "val_nll": result.get("nll"), "val_gain": result.get("gain"),
     }
 
@@ -120,39 +127,34 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
     training = train(ctx, dump_path, cfg)
 
     scorer = load(training["export"])
-    table = dump.read_dump(dump_path, ["prompt_token_ids", "completion_token_ids"]).to_pydict()
-    score_prompts, score_completions = table["prompt_token_ids"], table["completion_token_ids"]
-    score_tokens = sum(len(c) for c in score_completions)
-    forwarded_tokens = score_tokens + sum(len(p) for p in score_prompts)
-
     backend = ctx.backend(cfg.gen_batch_size)
     params = SamplingParams(cfg.max_new_tokens, 1.0, 1.0)
-    scorer.score(score_prompts[:4], score_completions[:4])  # warm-up
+    gen_prompts = prompts(ctx.tokenizer, cfg.gen_prompts, (0, 1))
+    scorer.score([p.token_ids for p in gen_prompts], [[1, 2, 3]] * len(gen_prompts))  # warm-up
     samples = []
-    for r, order in rounds(["generate", "score"], cfg.rounds):
-        for variant in order:
-            if variant == "generate":
-                requests = [Request(p.token_ids, cfg.max_new_tokens, request_seed(100 + r, p.row["prompt_id"], 0, c))
-                            for p in prompts(ctx.tokenizer, cfg.gen_prompts, (0, 1)) for c in range(cfg.group_size)]
-                with Stopwatch() as sw:
-                    out = backend.generate(requests, params)
-                tokens = sum(len(c.token_ids) for c in out)
-            else:
-                with Stopwatch() as sw:
-                    scorer.score(score_prompts, score_completions, batch_size=cfg.score_batch_size)
-                tokens = score_tokens
-            samples.append({"variant": variant, "round": r, "seconds": sw.seconds, "tokens": tokens,
-                            "tokens_per_s": tokens / sw.seconds})
-    gen = [s for s in samples if s["variant"] == "generate"]
-    sco = [s for s in samples if s["variant"] == "score"]
-    per_round = [ratio(s["tokens_per_s"], g["tokens_per_s"]) for s, g in zip(sco, gen, strict=True)]
+    for r in range(cfg.rounds):
+        requests = [Request(p.token_ids, cfg.max_new_tokens, request_seed(100 + r, p.row["prompt_id"], 0, c))
+                    for p in gen_prompts for c in range(cfg.group_size)]
+        with Stopwatch() as gen:
+            out = backend.generate(requests, params)
+        completions = [c.token_ids for c in out]
+        tokens = sum(len(c) for c in completions)
+        with Stopwatch() as sco:
+            scorer.score([q.prompt_ids for q in requests], completions, batch_size=cfg.score_batch_size)
+        samples.append({"round": r, "completions": len(out), "completion_tokens": tokens,
+                        "forwarded_tokens": tokens + sum(len(q.prompt_ids) for q in requests),
+                        "generate_s": gen.seconds, "score_s": sco.seconds,
+                        "generate_tokens_per_s": tokens / gen.seconds, "score_tokens_per_s": tokens / sco.seconds})
+    per_round = [s["generate_s"] / s["score_s"] for s in samples]
     summary = {
         "config": asdict(cfg), "dump": str(dump_path), "dump_note": note, "training": training,
-        "score_completions": len(score_completions), "score_completion_tokens": score_tokens,
-        "score_forwarded_tokens": forwarded_tokens, "samples": samples,
-        "score_tokens_per_s": median([s["tokens_per_s"] for s in sco]),
-        "score_seconds": median([s["seconds"] for s in sco]),
-        "generation_tokens_per_s": median([s["tokens_per_s"] for s in gen]),
+        "samples": samples, "completions_per_round": samples[0]["completions"],
+        "score_tokens_per_s": median([s["score_tokens_per_s"] for s in samples]),
+        "score_seconds": median([s["score_s"] for s in samples]),
+        "generation_seconds": median([s["generate_s"] for s in samples]),
+        "generation_tokens_per_s": median([s["generate_tokens_per_s"] for s in samples]),
+        "prompt_tokens_per_completion_token": median([(s["forwarded_tokens"] - s["completion_tokens"])
+                                                      / s["completion_tokens"] for s in samples]),
         "stage1_generation_tokens_per_s": ctx.shared.get("generation_tokens_per_s"),
         "ratio_per_round": per_round, "ratio_score_over_generation": median(per_round),
         "load_average_before": load_before, "load_average_after": load_average(),
@@ -165,16 +167,18 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
 def rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
     t, c = s["training"], s["config"]
     out = [("setting", f"frozen backbone, linear head, {c['max_epochs']} epochs, batch {c['batch_size']}; "
-                       f"{t['pairs_train']} train / {t['pairs_val']} val pairs ({s['dump_note']})"),
+                       f"{t['pairs_train']} train / {t['pairs_val']} val pairs of reward_{t['reward_key']} "
+                       f"({s['dump_note']}; the task reward leaves {t['informative_pairs_with_task_reward']})"),
            ("train: pairs/s, training batches (all epochs)", t["pairs_per_s_train_batches"]),
            ("train: pairs/s, epoch 1 (backbone forward + cache)", t["pairs_per_s_first_epoch"]),
            ("train: pairs/s, later epochs (cached features)", t["pairs_per_s_later_epochs"]),
            ("train: pairs/s over Trainer.fit (incl. validation)", t["pairs_per_s_fit"]),
            ("train: run() total s (load, fit, export, plots)", t["run_total_s"]),
-           ("score: completions / completion tokens", f"{s['score_completions']} / {s['score_completion_tokens']}"),
-           ("score: median s per pass", s["score_seconds"]),
-           ("score: completion tokens/s", s["score_tokens_per_s"]),
-           ("generation (same run, interleaved): decoded tokens/s", s["generation_tokens_per_s"])]
+           ("completions per round (generated, then scored)", s["completions_per_round"]),
+           ("generation: median s / decoded tokens/s", f"{s['generation_seconds']:.2f} / "
+                                                       f"{s['generation_tokens_per_s']:.1f}"),
+           ("score: median s / completion tokens/s", f"{s['score_seconds']:.2f} / {s['score_tokens_per_s']:.1f}"),
+           ("score: prompt tokens forwarded per completion token", s["prompt_tokens_per_completion_token"])]
     if s.get("stage1_generation_tokens_per_s"):
         out.append(("generation (stage-1 plain): decoded tokens/s", s["stage1_generation_tokens_per_s"]))
     out += [("score / generation tokens/s (median per round)", s["ratio_score_over_generation"]),

@@ -33,14 +33,14 @@ TARGET_DELTA = 1.10
 @dataclass
 class Config:
     prompts_per_step: int = 2
-    group_size: int = 8
+    group_size: int = 4
     max_new_tokens: int = 48
     steps: int = 4  # measured steps per variant, after one warm-up step
     levels: tuple[int, ...] = (0, 1)
     seed: int = 0
 
 
-QUICK = Config(group_size=4, max_new_tokens=32, steps=2)
+QUICK = Config(max_new_tokens=32, steps=2)
 
 
 def importance_export(ctx: Context) -> tuple[str, str]:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.dump import schema_for, tokenizer_fingerprint
 
-LENGTH, K1, K2, NOISE = 12, 3, 8, 0.1
+LENGTH, K1, K2, NOISE = 8, 2, 5, 0.1
 PROMPT_POOL = np.arange(3, 11)  # the tiny tokenizer's ids 0..2 are special tokens
 PROMPT_END = [1, 90]  # like a chat template's "<|im_start|>assistant": f(0) is read at the same token
 POOLS = (np.arange(60, 62), np.arange(70, 72), np.arange(80, 82))  # fillers before K1, between, after K2

@@ -35,8 +35,8 @@ def test_budget_and_finish_reason(backend):
         assert completion.finish_reason == ("length" if len(completion.token_ids) == budget else "stop")
 
 
-def test_gumbel_sampling_matches_softmax():
-    """The per-row Gumbel-max draw follows softmax(logits / T), restricted to the top-p nucleus."""
+def test_per_request_sampling_matches_softmax():
+    """The per-row inverse-CDF draw follows softmax(logits / T), restricted to the top-p nucleus."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     draws = []
     for seed in range(4000):

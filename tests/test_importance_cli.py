@@ -60,6 +60,8 @@ def test_missing_rollouts_and_bad_options_are_refused(tiny_model_dir, tmp_path):
     dump = _dump(tiny_model_dir, tmp_path)
     _fails(["--rollouts", str(dump), "--reward_key", "nope"], r"--reward_key 'nope'.*reward_marker")
     _fails(["--rollouts", str(dump), "--resume"], r"--resume: no checkpoint")
+    _fails(["--rollouts", str(dump), "--backbone_mode", "last_k", "--last_k", "5"], r"--last_k must be in 1\.\.2")
+    assert not (dump.parents[1] / "importance_net").exists()
 
 
 @pytest.mark.slow  # a fresh interpreter: ~10-30 s of imports

@@ -45,10 +45,13 @@ def test_z_uses_the_chosen_statistics(dump, group_stats):
 
 
 def test_prompt_stats_skip_a_failed_reward_but_drop_its_pair(dump):
+    rows = pq.read_table(dump).to_pandas()
+    failed = rows[rows.reward.isna()]
+    assert len(failed) == 3
     _, group_counts, _ = load_pairs(dump, "reward", "group")
     _, prompt_counts, _ = load_pairs(dump, "reward", "prompt")
-    assert prompt_counts["groups_nonfinite"] == 3  # only the pairs holding the NaN completion, one per group
-    assert prompt_counts["pairs_nonfinite"] == 3 < group_counts["pairs_nonfinite"]
+    # group stats: every pair of a failed group is lost; prompt stats: only the pair holding the NaN
+    assert prompt_counts["pairs_nonfinite"] == int((~failed.degenerate).sum()) < group_counts["pairs_nonfinite"]
 
 
 def test_pairs_input_is_prompt_plus_shared_prefix(dump):

@@ -14,6 +14,7 @@ from pipeline.importance import ImportanceScorer, load
 from pipeline.importance.export import CONFIG_FILE, save_export
 from pipeline.importance.loss import F_MAX
 from pipeline.importance.model import ImportanceNet, NetConfig
+from pipeline.importance.report import Example, token_pieces, write_report
 from pipeline.models import load_tokenizer
 
 PROMPTS = [[5, 6, 7, 1, 90], [9, 1, 90], [11, 12, 13, 14, 15, 16, 1, 90]]
@@ -105,3 +106,15 @@ def test_load_refuses_what_is_not_a_matching_export(tiny_model_dir, tmp_path):
     (path / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(UserError, match="backbone changed since training"):
         load(path)
+
+
+def test_report_colours_each_token_by_its_delta(scorer, tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ids = tokenizer.encode("héllo 12 + 7")
+    assert "".join(token_pieces(tokenizer, ids)).replace("Ã©", "é") == "héllo 12 + 7"
+    examples = [Example(p, c, 1.0) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    html = write_report(scorer, tokenizer, examples, tmp_path / "report.html").read_text()
+    f = scorer.score(PROMPTS[0], COMPLETIONS[0])
+    assert html.count("<h3>") == 3 and html.count("class='t'") == sum(map(len, COMPLETIONS))
+    assert f"f {f[0]:.3f} &rarr; {f[1]:.3f} ({f[1] - f[0]:+.3f})" in html
+    assert "rgba(220,50,47,1.000)" in html or "rgba(38,139,210,1.000)" in html  # the largest |delta| is full colour

@@ -79,7 +79,7 @@ def _require(path: str | Path, names: list[str], needed: list[str]) -> None:
 
 
 def load_pairs(path: str | Path, reward_key: str = "reward",
-               group_stats: str = "group") -> tuple[Pairs, dict[str, int], str]:
+               group_stats: str = "prompt") -> tuple[Pairs, dict[str, int], str]:
     """Every informative pair of the dump, counts of what was read and dropped (and why), the reward column.
 
     ``group_stats``: m_q, v_q from the pair's own group (the stored ``<key>_group_mean/var``) or
@@ -208,7 +208,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 class PairDataModule(L.LightningDataModule):
     """Reads the dump once (``setup`` is idempotent) and serves padded batches of pairs."""
 
-    def __init__(self, rollouts: str | Path, reward_key: str = "reward", group_stats: str = "group",
+    def __init__(self, rollouts: str | Path, reward_key: str = "reward", group_stats: str = "prompt",
                  val_fraction: float = 0.1, batch_size: int = 32, seed: int = 0) -> None:
         super().__init__()
         self.rollouts, self.reward_key, self.group_stats = rollouts, reward_key, group_stats

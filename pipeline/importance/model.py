@@ -104,7 +104,7 @@ class ImportanceNet(nn.Module):
 class ImportanceModule(L.LightningModule):
     """Maximum likelihood of the sisters' rewards under correlation f (DESIGN.md section 1)."""
 
-    def __init__(self, net_config: dict[str, Any], baseline_f: float, lr: float = 1e-3,
+    def __init__(self, net_config: dict[str, Any], baseline_f: float, lr: float = 1e-2,
                  backbone_lr: float = 1e-4) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -25,11 +25,13 @@ class Example:
 
 
 def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
-    """The text each token adds; decoding growing prefixes keeps multi-byte characters whole."""
+    """The text each token adds (decoding growing prefixes keeps spacing right); the raw token string
+    where that text is not printable alone (a byte of a multi-byte character)."""
     pieces, previous = [], ""
     for i in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:i])
-        pieces.append(text[len(previous):] if text.startswith(previous) else tokenizer.decode(ids[i - 1:i]))
+        piece = text[len(previous):] if text.startswith(previous) else "\ufffd"
+        pieces.append(tokenizer.convert_ids_to_tokens(int(ids[i - 1])) if "\ufffd" in piece else piece)
         previous = text
     return pieces
 

@@ -128,9 +128,37 @@ def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
             for i in sorted(first)[:n]]
 
 
-def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "reward", group_stats: str = "group",
+def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume: bool,
+         **trainer_args: Any) -> tuple[L.Trainer, str]:
+    """Fit (or continue) the run, then evaluate its best checkpoint; returns the trainer and that checkpoint."""
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
+                                 auto_insert_metric_name=False, monitor="val/nll", mode="min", save_top_k=1)
+    # Lightning's save_last only refreshes last.ckpt when val/nll improves: a second callback writes it every epoch
+    latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CKPT.removesuffix(".ckpt"),
+                             enable_version_counter=False)
+    trainer = L.Trainer(logger=ResumableCSVLogger(run_dir, name="", version=""),
+                        callbacks=[checkpoint, latest, TableWriter(run_dir)], enable_progress_bar=True,
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+                        default_root_dir=run_dir, **trainer_args)
+    # a separate evaluator, so the final evaluation of the best checkpoint is not logged as one more epoch
+    trainer_args.pop("max_epochs")
+    evaluator = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
+                          default_root_dir=run_dir, **trainer_args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen body, on purpose
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
+        trainer.fit(module, datamodule=dm, ckpt_path=run_dir / "checkpoints" / LAST_CKPT if resume else None)
+        if checkpoint.best_model_path:
+            state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state, strict=False)
+        evaluator.validate(module, datamodule=dm, verbose=False)
+    return trainer, checkpoint.best_model_path
+
+
+def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "reward", group_stats: str = "prompt",
         backbone_mode: str = "frozen", last_k: int = 1, lora_r: int = 8, lora_alpha: int = 16, head_hidden: int = 0,
-        val_fraction: float = 0.1, max_epochs: int = 10, batch_size: int = 32, lr: float = 1e-3,
+        val_fraction: float = 0.1, max_epochs: int = 10, batch_size: int = 32, lr: float = 1e-2,
         backbone_lr: float = 1e-4, precision: str = "32-true", devices: str | int = 1, accelerator: str = "auto",
         seed: int = 0, run_name: str | None = None, out_dir: str | Path | None = None, resume: bool = False,
         report_examples: int = 8) -> dict[str, Any]:
@@ -162,40 +190,20 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
             "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
             "report_examples": report_examples}
 
-    is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
-    if is_rank_zero:
-        _prepare_run_dir(run_dir, resume, args)
-    resume_from = run_dir / "checkpoints" / LAST_CKPT if resume else None
-
     baseline_f = best_constant_f(dm.train.z1, dm.train.z2)
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden)
     module = ImportanceModule(net_config.to_dict(), baseline_f, lr, backbone_lr)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}",
-                                 auto_insert_metric_name=False, monitor="val/nll", mode="min", save_top_k=1,
-                                 save_last=True)
-    trainer = L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=_devices(devices), precision=precision,
-                        logger=ResumableCSVLogger(run_dir, name="", version=""),
-                        callbacks=[checkpoint, TableWriter(run_dir)], enable_progress_bar=True,
-                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
-                        default_root_dir=run_dir)
+
+    is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
+    if is_rank_zero:
+        _prepare_run_dir(run_dir, resume, args)
     metadata = {"stage": "train_importance_net", "status": "running", "arguments": args, "run_dir": str(run_dir),
                 "reward_column": dm.reward_column, "tokenizer": fingerprint, "dump_metadata": meta,
                 "counts": dm.counts, "baseline_f": baseline_f, "started": started, **provenance()}
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
-
-    # a separate evaluator, so the final evaluation of the best checkpoint is not logged as one more epoch
-    evaluator = L.Trainer(accelerator=accelerator, devices=_devices(devices), precision=precision, logger=False,
-                          enable_checkpointing=False, enable_model_summary=False, default_root_dir=run_dir)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen body, on purpose
-        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
-        trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
-        if checkpoint.best_model_path:
-            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
-            module.load_state_dict(best["state_dict"], strict=False)
-        evaluator.validate(module, datamodule=dm, verbose=False)
+    trainer, best = _fit(module, dm, run_dir, resume, max_epochs=max_epochs, accelerator=accelerator,
+                         devices=_devices(devices), precision=precision)
     final = module.val_summary
     if not is_rank_zero:
         return final
@@ -207,7 +215,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     if report_examples > 0:
         write_report(load(export_dir), tokenizer, _report_examples(dm, report_examples), run_dir / "report.html")
     metadata.update(status="done", finished=now_iso(), runtime_s=round(time.time() - t0, 2),
-                    epochs_trained=trainer.current_epoch, best_checkpoint=checkpoint.best_model_path,
+                    epochs_trained=trainer.current_epoch, best_checkpoint=best,
                     export=str(export_dir), final=final)
     write_json(run_dir / "metadata.json", metadata)
     return {"run_dir": str(run_dir), "export": str(export_dir), **final}
