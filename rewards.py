@@ -52,8 +52,10 @@ def _plan(completion: str, row: Row) -> PlanCheck:
 
 
 def _math_correct(completion: str, row: Row) -> float:
+    """The tagged answer, or without tags the final answer math-verify finds in the text (as TRL's
+    accuracy rewards do): small models rarely keep the format, and ``format`` rewards it apart."""
     predicted = extract_tagged(completion)
-    return float(predicted is not None and math_equal(predicted, str(row["answer"])))
+    return float(math_equal(completion if predicted is None else predicted, str(row["answer"])))
 
 
 # task_name -> checker of a final answer; tasks not listed (arithmetic, math, user files) use math-verify

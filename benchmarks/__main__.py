@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(quick=args.quick)
     results: dict[str, Any] = {"environment": environment(torch.get_num_threads()), "quick": args.quick,
                                "load_average_start": load_average(), "stages": {}, "errors": {}}
+    busy = results["load_average_start"]
+    if busy is not None and busy > (os.cpu_count() or 1):
+        print(f"note: load average {busy} on {os.cpu_count()} CPUs: other processes compete for the CPU, so absolute "
+              "times are inflated (the interleaved ratios are what to read); with more torch threads than free "
+              "cores, torch's thread barriers can slow it down several-fold: try --threads 1", flush=True)
     t0 = time.perf_counter()
     for name in selected:
         module = modules[name]

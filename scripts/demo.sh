@@ -14,8 +14,9 @@ $PY generate_paired_rollouts.py --model_name $MODEL --task_name $TASK --levels 0
     --groups_per_prompt 2 --group_size 8 --max_new_tokens 48 --prompts_per_chunk 4 --out_dir "$OUT" --tag demo
 
 echo "== stage 2: importance network (frozen backbone + linear head) =="
+RESUME2=$([ -f "$STAGE/importance_net/demo/checkpoints/last.ckpt" ] && echo --resume || true)
 $PY train_importance_net.py --rollouts "$STAGE/rollouts_demo" --group_stats prompt --max_epochs 8 \
-    --batch_size 32 --run_name demo --resume
+    --batch_size 32 --run_name demo $RESUME2
 
 echo "== stage 3: GRPO with --softmask delta under the gaussian curriculum =="
 $PY train_grpo_softmask.py --model_name $MODEL --task_name $TASK --levels 0,1,2,3 \

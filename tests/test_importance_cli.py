@@ -30,15 +30,16 @@ def _fails(args: list[str], pattern: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("kwargs", "pattern"), [
-    ({"drop_columns": ("split_token_idx",)}, r"lack column\(s\) split_token_idx"),
-    ({"drop_columns": ("reward_group_var",)}, r"lack column\(s\) reward_group_var"),
-    ({"n_prompts": 0}, r"hold no rows"),
-    ({"zero_variance_prompts": 6}, r"no informative pair .*in zero-variance groups"),
+@pytest.mark.parametrize(("kwargs", "args", "pattern"), [
+    ({"drop_columns": ("split_token_idx", "reward")}, [], r"lack column\(s\) split_token_idx, reward:"),
+    ({"drop_columns": ("reward_group_var",)}, ["--group_stats", "group"], r"lack column\(s\) reward_group_var"),
+    ({"n_prompts": 0}, [], r"hold no rows"),
+    ({"zero_variance_prompts": 6}, [], r"no informative pair .*in zero-variance groups"),
+    ({"zero_variance_prompts": 6}, ["--group_stats", "group"], r"no informative pair .*in zero-variance groups"),
 ])
-def test_bad_dumps_are_refused(tiny_model_dir, tmp_path, kwargs, pattern):
+def test_bad_dumps_are_refused(tiny_model_dir, tmp_path, kwargs, args, pattern):
     dump = _dump(tiny_model_dir, tmp_path, **kwargs)
-    _fails(["--rollouts", str(dump.parent)], pattern)
+    _fails(["--rollouts", str(dump.parent), *args], pattern)
     assert not (dump.parents[1] / "importance_net").exists()
 
 
@@ -60,7 +61,9 @@ def test_missing_rollouts_and_bad_options_are_refused(tiny_model_dir, tmp_path):
     dump = _dump(tiny_model_dir, tmp_path)
     _fails(["--rollouts", str(dump), "--reward_key", "nope"], r"--reward_key 'nope'.*reward_marker")
     _fails(["--rollouts", str(dump), "--resume"], r"--resume: no checkpoint")
-    _fails(["--rollouts", str(dump), "--backbone_mode", "last_k", "--last_k", "5"], r"--last_k must be in 1\.\.2")
+    assert not (dump.parents[1] / "importance_net").exists()
+    result = CliRunner().invoke(main, ["--rollouts", str(dump), "--backbone_mode", "last_k", "--last_k", "5"])
+    assert result.exit_code == 2 and result.stderr.splitlines()[-1].startswith("error: --last_k must be in 1..2")
     assert not (dump.parents[1] / "importance_net").exists()
 
 

@@ -66,7 +66,8 @@ def test_walker_rejects_before_computing():
     ("<answer>19.0</answer>", 1.0),
     ("<answer>\\boxed{19}</answer>", 1.0),
     ("<answer>18</answer>", 0.0),
-    ("19", 0.0),  # untagged: the format is part of the task
+    ("12 + 7 = 19", 1.0),  # untagged: the last answer in the text (format is rewarded apart)
+    ("it is 18", 0.0),
     ("<answer></answer>", 0.0),
     ("<answer>nineteen ]]}{</answer>", 0.0),
 ])

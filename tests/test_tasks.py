@@ -156,7 +156,8 @@ def test_bundled_math_sample_gold_answers_score_one():
     ("<answer>\\boxed{72}</answer>", 1.0),
     ("<answer>$72.00</answer>", 1.0),
     ("<answer>71</answer>", 0.0),
-    ("72", 0.0),  # untagged
+    ("so the total is 72", 1.0),  # untagged: the final answer in the text
+    ("48 and then 71", 0.0),
     ("<answer>}{\\frac</answer>", 0.0),
 ])
 def test_math_user_file_gsm8k_golds(tmp_path, completion, expected):

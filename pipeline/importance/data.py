@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -89,7 +90,7 @@ def load_pairs(path: str | Path, reward_key: str = "reward",
     if group_stats not in GROUP_STATS:
         raise UserError(f"--group_stats must be one of {', '.join(GROUP_STATS)}, got '{group_stats}'")
     names = pq.read_schema(dump_files(path)[0]).names
-    _require(path, names, PAIR_COLUMNS)
+    _require(path, names, PAIR_COLUMNS + ["reward"])  # every stage-1 dump has the total reward
     column = reward_column(reward_key, names)
     stats_columns = [f"{column}_group_mean", f"{column}_group_var"] if group_stats == "group" else []
     _require(path, names, stats_columns)
@@ -102,34 +103,13 @@ def load_pairs(path: str | Path, reward_key: str = "reward",
         by_prompt = rows.groupby("prompt_id")[column]
         rows["m"], rows["v"] = by_prompt.transform("mean"), by_prompt.transform("var")
 
-    keys = ["group_id", "pair_id"]
-    a = rows[rows["sister"] == 0].set_index(keys)
-    b = rows[rows["sister"] == 1].set_index(keys)
-    a, b = a.align(b, join="inner", axis=0)
-    counts = {"rows": len(rows), "prompts": rows["prompt_id"].nunique(), "groups": rows["group_id"].nunique(),
-              "pairs": len(a), "pairs_incomplete": len(rows) - 2 * len(a)}
-
-    reasons = {
-        "degenerate": (a["degenerate"] | b["degenerate"]).to_numpy(),
-        "nonfinite": ~np.isfinite(a[[column, "m", "v"]].to_numpy()).all(1) | ~np.isfinite(b[column].to_numpy()),
-    }
-    reasons["zero_variance"] = ~reasons["nonfinite"] & (a["v"].to_numpy() <= VAR_EPS)
-    group_ids = a.index.get_level_values("group_id").to_numpy()
-    drop = np.zeros(len(a), dtype=bool)
-    for reason, mask in reasons.items():
-        mask = mask & ~drop
-        counts[f"pairs_{reason}"] = int(mask.sum())
-        if reason != "degenerate":
-            counts[f"groups_{reason}"] = int(len(np.unique(group_ids[mask])))
-        drop |= mask
-    a, b = a[~drop], b[~drop]
-    counts["pairs_kept"] = len(a)
+    a, b, counts = _informative_pairs(rows, column)
     if a.empty:
         raise UserError(
             f"rollouts '{path}' have no informative pair for '{column}' ({counts['pairs']} pairs: "
             f"{counts['pairs_degenerate']} degenerate, {counts['pairs_nonfinite']} with non-finite rewards, "
-            f"{counts['pairs_zero_variance']} in zero-variance groups): the reward never varies within a "
-            f"group; use a task level the model sometimes solves, or another --reward_key"
+            f"{counts['pairs_zero_variance']} in zero-variance groups): use prompts the model sometimes solves, "
+            f"another --reward_key, or (many degenerate pairs) longer completions"
         )
 
     split = a["split_token_idx"].to_numpy().astype(np.int64)
@@ -143,6 +123,31 @@ def load_pairs(path: str | Path, reward_key: str = "reward",
                   prompt=prompt, completion=completion, r1=a[column].to_numpy(), r2=b[column].to_numpy(),
                   z1=(a[column].to_numpy() - m) / std, z2=(b[column].to_numpy() - m) / std)
     return pairs, counts, column
+
+
+def _informative_pairs(rows: pd.DataFrame, column: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """Sister A and sister B rows of the pairs that carry information about f, and why the others don't."""
+    keys = ["group_id", "pair_id"]
+    a = rows[rows["sister"] == 0].set_index(keys)
+    b = rows[rows["sister"] == 1].set_index(keys)
+    a, b = a.align(b, join="inner", axis=0)
+    counts = {"rows": len(rows), "prompts": rows["prompt_id"].nunique(), "groups": rows["group_id"].nunique(),
+              "pairs": len(a), "pairs_incomplete": len(rows) - 2 * len(a)}
+    reasons = {
+        "degenerate": (a["degenerate"] | b["degenerate"]).to_numpy(),
+        "nonfinite": ~np.isfinite(a[[column, "m", "v"]].to_numpy()).all(1) | ~np.isfinite(b[column].to_numpy()),
+    }
+    reasons["zero_variance"] = ~reasons["nonfinite"] & (a["v"].to_numpy() <= VAR_EPS)
+    group_ids = a.index.get_level_values("group_id").to_numpy()
+    drop = np.zeros(len(a), dtype=bool)
+    for reason, mask in reasons.items():  # each pair is counted under its first reason only
+        mask = mask & ~drop
+        counts[f"pairs_{reason}"] = int(mask.sum())
+        if reason != "degenerate":
+            counts[f"groups_{reason}"] = len(np.unique(group_ids[mask]))
+        drop |= mask
+    counts["pairs_kept"] = int((~drop).sum())
+    return a[~drop], b[~drop], counts
 
 
 def _check_prefixes(path: str | Path, prompt: list[np.ndarray], first: list[np.ndarray],

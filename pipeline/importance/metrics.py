@@ -50,17 +50,17 @@ class ValidationStats:
         self.tables = {name: add(table) for name, table in self.tables.items()}
 
     def summary(self) -> dict[str, Any]:
-        """Scalars plus the two tables as rows {lo, hi, count, mean_f, mean_z1z2} (means NaN in empty bins)."""
+        """Scalars plus the two tables as rows {lo, hi, count, mean_f, mean_z1z2} (means None in empty bins)."""
         n, nll, baseline = (float(x) for x in self.totals)
         n = max(n, 1.0)
         out: dict[str, Any] = {"pairs": int(n), "nll": nll / n, "baseline_f": self.baseline_f,
                                "baseline_nll": baseline / n, "gain": (baseline - nll) / n}
         for name, table in self.tables.items():
             count = table[:, 0]
-            means = table[:, 1:] / count.clamp(min=1).unsqueeze(1)
-            means[count == 0] = float("nan")
+            means = (table[:, 1:] / count.clamp(min=1).unsqueeze(1)).tolist()
             out[name] = [{"lo": i / N_BINS, "hi": (i + 1) / N_BINS, "count": int(count[i]),
-                          "mean_f": float(means[i, 0]), "mean_z1z2": float(means[i, 1])} for i in range(N_BINS)]
+                          "mean_f": means[i][0] if count[i] else None,
+                          "mean_z1z2": means[i][1] if count[i] else None} for i in range(N_BINS)]
         calib = self.tables["calibration"]
         gap = (calib[:, 1] - calib[:, 2]).abs().sum()  # sum over bins of count * |mean f - mean z1 z2|
         out["calibration_error"] = float(gap) / n

@@ -92,7 +92,7 @@ def _backbone_ref(backbone: str) -> str:
     return backbone if backbone in GGUF_ALIASES or not path.exists() else str(path.resolve())
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> None:
+def _check_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> None:
     """Refuse to overwrite a run, or to resume one that is missing or was started with other data/network."""
     last = run_dir / "checkpoints" / LAST_CKPT
     if resume:
@@ -107,9 +107,6 @@ def _prepare_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> N
         return
     if any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "export").exists():
         raise UserError(f"run '{run_dir}' exists: pass --resume to continue it or --run_name for a new run")
-    ensure_writable_dir(run_dir)
-    for stale in ("metrics.csv", *(f"{name}.csv" for name in TABLES)):  # from a run that died before epoch 1
-        (run_dir / stale).unlink(missing_ok=True)
 
 
 def _devices(value: str | int) -> int | str | list[int]:
@@ -190,13 +187,17 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
             "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
             "report_examples": report_examples}
 
+    is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
+    if is_rank_zero:
+        _check_run_dir(run_dir, resume, args)
+
     baseline_f = best_constant_f(dm.train.z1, dm.train.z2)
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden)
     module = ImportanceModule(net_config.to_dict(), baseline_f, lr, backbone_lr)
-
-    is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
-    if is_rank_zero:
-        _prepare_run_dir(run_dir, resume, args)
+    if is_rank_zero and not resume:
+        ensure_writable_dir(run_dir)
+        for stale in ("metrics.csv", *(f"{name}.csv" for name in TABLES)):  # of a run that died before epoch 1
+            (run_dir / stale).unlink(missing_ok=True)
     metadata = {"stage": "train_importance_net", "status": "running", "arguments": args, "run_dir": str(run_dir),
                 "reward_column": dm.reward_column, "tokenizer": fingerprint, "dump_metadata": meta,
                 "counts": dm.counts, "baseline_f": baseline_f, "started": started, **provenance()}
