@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import click
-
 from pipeline.cli import (
     backend_options,
     config_option,
     option,
+    parse_levels,
     reward_model_options,
     run_stage,
     stage_command,
 )
 from pipeline.models import DEFAULT_MODEL
-
-
-def _levels(_ctx, _param, value) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in str(value).split(",") if v.strip() != "")
-    except ValueError as err:
-        raise click.BadParameter("give comma-separated integers, e.g. 0,1,2,3") from err
 
 
 @stage_command()
@@ -29,7 +21,7 @@ def _levels(_ctx, _param, value) -> tuple[int, ...]:
 @option("group_size", type=int, default=8, help="Completions per group (even: G/2 pairs).")
 @option("groups_per_prompt", type=int, default=1, help="Groups per prompt (pooled statistics for stage 2).")
 @option("num_prompts", type=int, default=16, help="Prompts, spread round-robin over --levels.")
-@option("levels", default="0,1,2,3", callback=_levels, help="Difficulty levels, comma-separated.")
+@option("levels", default="0,1,2,3", callback=parse_levels, help="Difficulty levels, comma-separated.")
 @option("max_new_tokens", type=int, default=128)
 @option("temperature", type=float, default=1.0)
 @option("top_p", type=float, default=1.0)

@@ -9,6 +9,7 @@ from pipeline.cli import (
     backend_options,
     config_option,
     option,
+    parse_levels,
     reward_model_options,
     run_stage,
     stage_command,
@@ -17,13 +18,6 @@ from pipeline.grpo.config import SCALE_REWARDS
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
 from pipeline.models import DEFAULT_MODEL
-
-
-def _levels(_ctx, _param, value) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in str(value).split(",") if v.strip() != "")
-    except ValueError as err:
-        raise click.BadParameter("give comma-separated integers, e.g. 0,1,2,3") from err
 
 
 def _mapping(_ctx, _param, value) -> dict:
@@ -48,7 +42,7 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("entropy_quantile", type=float, default=0.2, help="entropy mode: share of tokens kept.")
 @option("sampler", default="balanced", help="Curriculum sampler name (see docs/samplers.md).")
 @option("sampler_params", default="", callback=_mapping, help="YAML mapping of sampler parameters.")
-@option("levels", default="0,1,2,3", callback=_levels, help="Training levels (eval adds the held-out one).")
+@option("levels", default="0,1,2,3", callback=parse_levels, help="Training levels (eval adds the held-out one).")
 @option("num_train_prompts", type=int, default=256)
 @option("eval_prompts", type=int, default=8, help="Held-out prompts per level for greedy evaluation.")
 @option("prompts_per_step", type=int, default=4)

@@ -60,6 +60,14 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
+def parse_levels(_ctx: click.Context | None, _param: click.Parameter | None, value: Any) -> tuple[int, ...]:
+    """``--levels 0,1,2`` -> (0, 1, 2)."""
+    try:
+        return tuple(int(v) for v in str(value).split(",") if v.strip() != "")
+    except ValueError as err:
+        raise click.BadParameter("give comma-separated integers, e.g. 0,1,2,3") from err
+
+
 def backend_options(gpu_memory_utilization: float) -> Callable:
     """``--backend`` and the vLLM engine options, shared by stages 1 and 3."""
     decorators = [

@@ -1,6 +1,8 @@
 """The network's f(t) alignment, batching, the export round trip (in this process and another), load errors."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +120,11 @@ def test_report_colours_each_token_by_its_delta(scorer, tiny_model_dir, tmp_path
     assert html.count("<h3>") == 3 and html.count("class='t'") == sum(map(len, COMPLETIONS))
     assert f"f {f[0]:.3f} &rarr; {f[1]:.3f} ({f[1] - f[0]:+.3f})" in html
     assert "rgba(220,50,47,1.000)" in html or "rgba(38,139,210,1.000)" in html  # the largest |delta| is full colour
+
+
+def test_export_is_readable_by_others(tiny_model_dir, tmp_path):
+    path = save_export(_net(tiny_model_dir), tmp_path / "export", **_info(tiny_model_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {0o666 & ~umask}

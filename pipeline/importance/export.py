@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -46,6 +47,10 @@ def save_export(net: ImportanceNet, path: Path, **info: Any) -> Path:
     try:
         save_file({k: v.contiguous().cpu() for k, v in net.trainable_state_dict().items()}, tmp / WEIGHTS_FILE)
         write_json(tmp / CONFIG_FILE, {"format": FORMAT_VERSION, "net": net.config.to_dict(), **info})
+        umask = os.umask(0)
+        os.umask(umask)
+        for item in (tmp, *tmp.iterdir()):  # mkdtemp/mkstemp make them private; others load exports too
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
