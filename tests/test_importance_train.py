@@ -17,6 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.importance import load
+from pipeline.importance.train import _checkpoints
 from pipeline.models import load_tokenizer
 from tests.synthetic_dump import K1, K2, LENGTH, held_out, true_f, write_synthetic_dump
 from train_importance_net import main
@@ -115,7 +116,7 @@ def test_config_resume_and_refusals(model_dir, tmp_path):
     config = tmp_path / "stage2.yaml"
     config.write_text(yaml.safe_dump({"max-epochs": 2, "batch_size": 16, "run_name": "r", "report_examples": 0,
                                       "backbone_mode": "lora", "lora_r": 2}))
-    _train(dump, "--config", str(config))
+    _train(dump, "--config", str(config), "--resume")  # nothing to resume yet (a requeue before epoch 1): starts
     run_dir = tmp_path / "synthetic" / "tiny" / "importance_net" / "r"
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["state_dict"] and all(".lora_" in k or k.startswith("net.head.") for k in checkpoint["state_dict"])
@@ -132,6 +133,9 @@ def test_config_resume_and_refusals(model_dir, tmp_path):
     assert epochs == [0, 1, 2]
     assert json.loads((run_dir / "metadata.json").read_text())["epochs_trained"] == 3
     assert load(run_dir / "export").score([1, 90], [60, 250]).shape == (3,)
+    hpc = run_dir / "hpc_ckpt_1.ckpt"  # what Lightning saves on SLURM's SIGUSR1: newer, so resumed from
+    hpc.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
+    assert _checkpoints(run_dir)[-1] == hpc
 
 
 @pytest.mark.slow

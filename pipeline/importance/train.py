@@ -92,21 +92,28 @@ def _backbone_ref(backbone: str) -> str:
     return backbone if backbone in GGUF_ALIASES or not path.exists() else str(path.resolve())
 
 
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """What a resume can start from: last.ckpt (every epoch end) and Lightning's SLURM ``hpc_ckpt_*.ckpt``
+    (saved on SIGUSR1 before a requeue), newest last."""
+    found = [run_dir / "checkpoints" / LAST_CKPT, *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return sorted((p for p in found if p.is_file()), key=lambda p: p.stat().st_mtime)
+
+
 def _check_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> None:
-    """Refuse to overwrite a run, or to resume one that is missing or was started with other data/network."""
-    last = run_dir / "checkpoints" / LAST_CKPT
-    if resume:
-        if not last.is_file():
-            raise UserError(f"--resume: no checkpoint '{last}': start the run without --resume")
-        meta_path = run_dir / "metadata.json"
-        previous = json.loads(meta_path.read_text()).get("arguments", {}) if meta_path.is_file() else {}
-        changed = [k for k in IDENTITY_ARGS if k in previous and previous[k] != identity[k]]
-        if changed:
-            raise UserError(f"--resume: {', '.join(changed)} differ from the run in '{run_dir}': resume with "
-                            f"the same values, or pass a new --run_name")
+    """Refuse to overwrite a run, or to resume one that was started with other data or network options."""
+    if not resume:
+        if _checkpoints(run_dir) or any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "export").exists():
+            raise UserError(f"run '{run_dir}' exists: pass --resume to continue it or --run_name for a new run")
         return
-    if any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "export").exists():
-        raise UserError(f"run '{run_dir}' exists: pass --resume to continue it or --run_name for a new run")
+    if not _checkpoints(run_dir):  # e.g. a SLURM requeue of a job stopped before its first epoch ended
+        log.info("--resume: no checkpoint in '%s' yet, starting the run from the beginning", run_dir)
+        return
+    meta_path = run_dir / "metadata.json"
+    previous = json.loads(meta_path.read_text()).get("arguments", {}) if meta_path.is_file() else {}
+    changed = [k for k in IDENTITY_ARGS if k in previous and previous[k] != identity[k]]
+    if changed:
+        raise UserError(f"--resume: {', '.join(changed)} differ from the run in '{run_dir}': resume with "
+                        f"the same values, or pass a new --run_name")
 
 
 def _devices(value: str | int) -> int | str | list[int]:
@@ -125,7 +132,7 @@ def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
             for i in sorted(first)[:n]]
 
 
-def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume: bool,
+def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_from: Path | None,
          **trainer_args: Any) -> tuple[L.Trainer, str]:
     """Fit (or continue) the run, then evaluate its best checkpoint; returns the trainer and that checkpoint."""
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
@@ -145,7 +152,7 @@ def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume: bo
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen body, on purpose
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
-        trainer.fit(module, datamodule=dm, ckpt_path=run_dir / "checkpoints" / LAST_CKPT if resume else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
         if checkpoint.best_model_path:
             state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state, strict=False)
@@ -190,11 +197,12 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
     if is_rank_zero:
         _check_run_dir(run_dir, resume, args)
+    resume_from = _checkpoints(run_dir)[-1] if resume and _checkpoints(run_dir) else None
 
     baseline_f = best_constant_f(dm.train.z1, dm.train.z2)
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden)
     module = ImportanceModule(net_config.to_dict(), baseline_f, lr, backbone_lr)
-    if is_rank_zero and not resume:
+    if is_rank_zero and resume_from is None:
         ensure_writable_dir(run_dir)
         for stale in ("metrics.csv", *(f"{name}.csv" for name in TABLES)):  # of a run that died before epoch 1
             (run_dir / stale).unlink(missing_ok=True)
@@ -203,7 +211,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
                 "counts": dm.counts, "baseline_f": baseline_f, "started": started, **provenance()}
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
-    trainer, best = _fit(module, dm, run_dir, resume, max_epochs=max_epochs, accelerator=accelerator,
+    trainer, best = _fit(module, dm, run_dir, resume_from, max_epochs=max_epochs, accelerator=accelerator,
                          devices=_devices(devices), precision=precision)
     final = module.val_summary
     if not is_rank_zero:
