@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import config_option, option, run_stage
+from pipeline.cli import config_option, option, run_stage, stage_command
 from pipeline.importance.data import GROUP_STATS
 from pipeline.importance.model import BACKBONE_MODES
 from pipeline.importance.train import PRECISIONS, run
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@stage_command()
 @config_option
 @option("rollouts", required=True, type=click.Path(),
         help="Stage-1 dump: a parquet file or a directory of part files.")
