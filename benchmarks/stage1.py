@@ -12,6 +12,8 @@ default chunking costs next to one call over all prompts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,24 @@ def write_dump(ctx: Context, frames: list, group_size: int, max_new_tokens: int)
     return path
 
 
+@contextmanager
+def recording(backend, calls: list[dict[str, Any]]) -> Iterator[None]:
+    """Record each ``backend.generate`` call (requests, seconds): sample_pairs makes two per call, A then B."""
+    original = backend.generate
+
+    def generate(requests, params):
+        with Stopwatch() as sw:
+            out = original(requests, params)
+        calls.append({"requests": len(requests), "seconds": sw.seconds})
+        return out
+
+    backend.generate = generate
+    try:
+        yield
+    finally:
+        del backend.generate  # back to the class's method
+
+
 def run(ctx: Context, cfg: Config) -> dict[str, Any]:
     tok = ctx.tokenizer
     backend = ctx.backend(cfg.batch_size)
@@ -115,8 +135,8 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
                                 "max_len_hits": sum(c.finish_reason == "length" for c in out)})
                 continue
             chunk = cfg.prompts_per_chunk if variant == "paired_chunked" else n
-            records = []
-            with Stopwatch() as sw:
+            records, calls = [], []
+            with recording(backend, calls), Stopwatch() as sw:
                 for c0 in range(0, n, chunk):
                     rng = np.random.default_rng([seed, c0])
                     records += sample_pairs(backend, round_prompts[c0:c0 + chunk], params, pairing, seed, rng)
@@ -128,7 +148,10 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
                             "decoded_tokens": generated_token_count(frame),
                             "max_len_hits": int((frame["finish_reason"] == "length").sum()),
                             "degenerate_pairs": int(frame[frame["sister"] == 0]["degenerate"].sum()),
-                            "frame_and_table_s": sw_dump.seconds, "rows": table.num_rows})
+                            "frame_and_table_s": sw_dump.seconds, "rows": table.num_rows,
+                            "sister_a_s": sum(c["seconds"] for c in calls[0::2]),
+                            "sister_b_s": sum(c["seconds"] for c in calls[1::2]),
+                            "generate_calls": [c["requests"] for c in calls]})
             if variant == "paired":
                 frames.append(frame)
 
@@ -145,6 +168,10 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
             "median_decoded_tokens_per_s": median([s["decoded_tokens"] / s["seconds"] for s in rows]),
             "mean_completion_len": float(np.mean([s["completion_tokens"] / s["completions"] for s in rows])),
         }
+        if variant != "plain":
+            summary[variant] |= {"median_sister_a_s": median([s["sister_a_s"] for s in rows]),
+                                 "median_sister_b_s": median([s["sister_b_s"] for s in rows]),
+                                 "requests_per_generate_call": rows[0]["generate_calls"]}
     per_round = {}
     for variant in variants[1:]:
         key = "paired_over_plain" if variant == "plain" else "chunked_over_plain"
@@ -177,6 +204,10 @@ def rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
                     (f"{v}: completion tokens/s", s[v]["median_completion_tokens_per_s"]),
                     (f"{v}: decoded tokens/s", s[v]["median_decoded_tokens_per_s"]),
                     (f"{v}: mean completion length", s[v]["mean_completion_len"])]
+            if v != "plain":
+                out.append((f"{v}: sister A / B phase s (requests per generate call)",
+                             f"{s[v]['median_sister_a_s']:.2f} / {s[v]['median_sister_b_s']:.2f} "
+                             f"({', '.join(map(str, s[v]['requests_per_generate_call']))})"))
     out += [("paired / plain (median of per-round ratios)", s["ratio_paired_over_plain"]),
             ("paired / plain (ratio of medians)", s["ratio_of_medians"]),
             ("per-round ratios", ", ".join(f"{x:.3f}" for x in s["ratio_per_round"]["paired_over_plain"]))]
