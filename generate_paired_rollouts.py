@@ -30,7 +30,7 @@ from pipeline.models import DEFAULT_MODEL
 @reward_model_options
 @option("split_quantile", type=float, default=0.9, help="t ~ U{0..quantile of other prompts' lengths}.")
 @option("max_split_tokens", type=int, default=None, help="Fixed t_max instead of the quantile rule.")
-@option("prompts_per_chunk", type=int, default=4, help="Prompts per written chunk (the unit of resume).")
+@option("prompts_per_chunk", type=int, default=8, help="Prompts per written chunk (the unit of resume); keep prompts x groups x G/2 >= --batch_size.")
 @backend_options(gpu_memory_utilization=0.9)
 @option("batch_size", type=int, default=32, help="Generation micro-batch size (hf).")
 @option("out_dir", default="rollout_dump")

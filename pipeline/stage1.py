@@ -47,7 +47,7 @@ class Stage1Args:
     rm_calibration_prompts: int = 16
     split_quantile: float = 0.9
     max_split_tokens: int | None = None
-    prompts_per_chunk: int = 4
+    prompts_per_chunk: int = 8  # x G/2 sister-A requests: 8 x 4 fills a 32-row generation batch
     backend: str = "hf"
     batch_size: int = 32
     tensor_parallel_size: int = 1
