@@ -33,7 +33,7 @@ def validation_evidence(export: str | Path) -> dict[str, Any] | None:
 def describe_gain(evidence: dict[str, Any] | None) -> str:
     """"gain +0.0123 nats/pair [95% CI -0.0040, +0.0290] over 412 pairs" (or what is missing)."""
     if evidence is None:
-        return "no validation gain recorded (re-export it with the current train_importance_net.py)"
+        return "gain not recorded (retrain it with the current train_importance_net.py)"
     text = f"gain {evidence['gain']:+.4f} nats/pair"
     ci = evidence.get("gain_ci95")
     if ci:
@@ -62,8 +62,12 @@ def check_importance_gain(softmask: str, importance_net: str | None, require: bo
     record = {"export": str(importance_net), "validation": evidence, "gain_above_zero": positive}
     if positive:
         return record
-    message = (f"importance net '{importance_net}': {describe_gain(evidence)}, not above 0 over the best "
-               f"constant f: the --softmask {softmask} weights are noise")
+    if evidence is None:
+        finding = f"{describe_gain(evidence)}, so the --softmask {softmask} weights may be noise"
+    else:
+        finding = (f"validation {describe_gain(evidence)} is not above 0 over the best constant f, so the "
+                   f"--softmask {softmask} weights are noise")
+    message = f"importance net '{importance_net}': {finding}"
     if require:
         raise UserError(f"{message}; train the net on a larger dump, or drop --require_importance_gain")
     log.warning("warning: %s (--require_importance_gain refuses such nets)", message)
