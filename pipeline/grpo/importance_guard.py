@@ -54,9 +54,10 @@ def check_importance_gain(softmask: str, importance_net: str | None, require: bo
     """Warn (one line) or, with ``require``, refuse when the net's weights would be noise.
 
     Returns what stage 3 records in metadata.json, or None when the soft mask reads no f.
+    Reads only the export's JSON, so it runs before any model is loaded.
     """
-    if softmask not in NEEDS_IMPORTANCE or not importance_net:
-        return None
+    if softmask not in NEEDS_IMPORTANCE or not (Path(importance_net or "") / EXPORT_CONFIG).is_file():
+        return None  # no f read, or no export there (loading it says so)
     evidence = validation_evidence(importance_net)
     positive = gain_is_positive(evidence)
     record = {"export": str(importance_net), "validation": evidence, "gain_above_zero": positive}

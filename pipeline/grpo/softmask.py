@@ -60,7 +60,7 @@ def shuffled_delta(mask: Tensor, f: Tensor | None, entropies: Tensor | None, ent
     the right tokens" from "any reweighting". The permutation draws from torch's default CPU
     generator, which stage 3 seeds with --seed and checkpoints, so it is reproducible and resumes.
     """
-    raw = delta(mask, f, entropies, entropy_quantile)
+    raw = delta(mask, f, entropies, entropy_quantile) * mask
     invalid = ~mask.bool()
     keys = torch.rand(mask.shape).to(mask.device).masked_fill(invalid, float("inf"))
     positions = torch.arange(mask.size(1), device=mask.device, dtype=torch.float).expand(mask.shape)

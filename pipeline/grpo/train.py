@@ -91,6 +91,7 @@ class Trainer:
 
     def __init__(self, args: GRPOArgs):
         validate(args)
+        self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
         self.args = args
         self.fabric = L.Fabric(accelerator="auto", devices=_devices(args.devices), num_nodes=args.num_nodes,
@@ -102,8 +103,6 @@ class Trainer:
         self.run_dir = run_dir_for(args)
         self.tokenizer = load_tokenizer(args.model_name)
         self.importance = _load_importance(args, self.tokenizer)
-        self.importance_check = check_importance_gain(args.softmask, args.importance_net,
-                                                      args.require_importance_gain)
         self.rows = build_rows(args.task_name, args.num_train_prompts, args.levels)
         eval_levels = list(args.levels) if is_user_dataset(args.task_name) else sorted({*args.levels, HELDOUT_LEVEL})
         self.eval_rows = build_rows(args.task_name, args.eval_prompts * len(eval_levels), eval_levels, split="eval")
