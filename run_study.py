@@ -33,7 +33,10 @@ def main(study_file: str, mode: str) -> None:
         return
     if mode == "local":
         run_local(plan)
-    aggregate(plan)
+    report, verdicts = aggregate(plan)
+    click.echo(f"report: {report} (and report.html, summary.csv, comparisons.csv, plots)")
+    for line in verdicts:
+        click.echo(f"  {line}")
 
 
 if __name__ == "__main__":

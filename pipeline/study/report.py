@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -256,8 +257,8 @@ def _copy_importance_plots(plan: StudyPlan) -> list[str]:
     return copied
 
 
-def aggregate(plan: StudyPlan) -> list[str]:
-    """Write the study's tables, plots and reports from its finished runs; returns the verdict lines."""
+def aggregate(plan: StudyPlan) -> tuple[Path, list[str]]:
+    """Write the study's tables, plots and reports from its finished runs; returns report.md and the verdicts."""
     check_study_dir(plan)
     finished = [run for run in plan.runs if run_state(run.run_dir) == DONE]
     if not finished:
@@ -278,10 +279,6 @@ def aggregate(plan: StudyPlan) -> list[str]:
     doc = build_document(plan, summary, comparisons, missing, threshold, importance_evidence(plan), images)
     artifacts.atomic_write(out / "report.md", lambda tmp: tmp.write_text(doc.markdown()))
     artifacts.atomic_write(out / "report.html", lambda tmp: tmp.write_text(doc.html()))
-    verdicts = [c.sentence(analysis.alpha) for c in comparisons[PRIMARY]]
-    log.info("study %s: %d of %d runs aggregated; report: %s", plan.study.name, len(results), len(plan.runs),
-             out / "report.md")
-    for line in verdicts:
-        log.info("  %s", line)
-    return verdicts
+    log.info("study %s: %d of %d runs aggregated", plan.study.name, len(results), len(plan.runs))
+    return out / "report.md", [c.sentence(analysis.alpha) for c in comparisons[PRIMARY]]
 
