@@ -80,12 +80,12 @@ def pending_runs(plan: StudyPlan) -> list[RunSpec]:
 
 
 def _shared_work(plan: StudyPlan) -> list[tuple[str, Path]]:
-    """The shared stages still to build, in order."""
-    work = []
+    """The shared stages still to build, in order (none once the importance net is done)."""
+    if plan.stage2 is None or importance_done(plan.stage2.output):
+        return []
+    work = [("stage2", plan.stage2.config)]
     if plan.stage1 is not None and not dump_done(plan.stage1.output):
-        work.append(("stage1", plan.stage1.config))
-    if plan.stage2 is not None and not importance_done(plan.stage2.output):
-        work.append(("stage2", plan.stage2.config))
+        work.insert(0, ("stage1", plan.stage1.config))
     return work
 
 
