@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.sandbox import SandboxUnavailable, isolation, probe, run_tests
+from pipeline.sandbox.cgroup import CgroupUnavailable, RunCgroups, delegated
 from pipeline.sandbox.execute import execute
 from pipeline.sandbox.procs import processes
 from pipeline.sandbox.slots import POOL
@@ -262,7 +263,8 @@ def test_os_kill_minus_one_reaches_nothing_outside(sandbox):
     try:
         code = ("import os, time\ndef f(x):\n    try:\n        if os.fork() == 0:\n            time.sleep(60)\n"
                 "    except OSError:\n        pass\n"
-                "    os.kill(-1, 9)  # every process we may signal but ourselves\n    return 2 * x\n")
+                "    try:\n        os.kill(-1, 9)  # every process we may signal but ourselves\n"
+                "    except ProcessLookupError:  # none: we are alone\n        pass\n    return 2 * x\n")
         result = run(sandbox, code)
         assert result.passed == 3
         assert all(c.poll() is None for c in canaries)
@@ -490,3 +492,23 @@ def test_no_key_reaches_a_run_from_the_trainer_or_an_earlier_run(sandbox):
         assert stored.passed == 1  # the filter refuses add_key
     finally:
         ctypes.CDLL(None).syscall(KEYS[platform.machine()][1], 3, trainer_key)  # KEYCTL_REVOKE
+
+
+def test_a_run_cgroup_gets_its_limit_and_the_command_its_pid(tmp_path):
+    """The prefix moves the shell into the run's cgroup and execs, so the command itself is inside."""
+    with RunCgroups(tmp_path).run(64 << 20) as enter:
+        group = Path(enter[-1]).parent
+        started = subprocess.run([*enter, "/bin/sh", "-c", "echo $$"], capture_output=True, text=True, timeout=30)
+        assert (group / "cgroup.procs").read_text().split() == [started.stdout.strip()]
+        assert (group / "memory.max").read_text() == str(64 << 20)
+        assert (group / "memory.oom.group").read_text() == "1"
+
+
+def test_a_memory_cgroup_is_proven_or_refused_in_one_line():
+    try:
+        cgroups = delegated()
+        cgroups.prove()
+    except CgroupUnavailable as err:
+        assert str(err) and "\n" not in str(err)
+        return
+    assert "memory" in (cgroups.base / "cgroup.subtree_control").read_text().split()
