@@ -39,9 +39,10 @@ def probe(mode: str | None = None, limits: Limits | None = None) -> IsolationRep
             return report
         except SandboxUnavailable as err:
             failures.append(f"{candidate}: {err}")
+    install = "install bubblewrap (apt-get install bubblewrap) and " if "bwrap" in missing_tools("bubblewrap") else ""
     raise SandboxUnavailable(
         f"code tasks refused, no working sandbox here ({'; '.join(failures) or 'not root: only bubblewrap works'}); "
-        "install bubblewrap (apt-get install bubblewrap) and see docs/sandbox.md")
+        f"{install}see docs/sandbox.md")
 
 
 def _probe_mode(mode: str, limits: Limits) -> IsolationReport:

@@ -60,6 +60,7 @@ def _memory_outside_address_space() -> list:
             ("shmget", lambda: libc.shmget(IPC_PRIVATE, 4096, 0o600), lambda i: libc.shmctl(i, IPC_RMID, None)),
             ("msgget", lambda: libc.msgget(IPC_PRIVATE, 0o600), lambda i: libc.msgctl(i, IPC_RMID, None)),
             ("semget", lambda: libc.semget(IPC_PRIVATE, 1, 0o600), lambda i: libc.semctl(i, 0, IPC_RMID)),
+            ("inotify", lambda: libc.inotify_init1(0), os.close),
             ("unshare user namespace", lambda: libc.unshare(CLONE_NEWUSER), lambda i: None)):
         handle = make()
         if handle >= 0:

@@ -2,8 +2,10 @@
 
 RLIMIT_AS bounds what one process maps, but not memory that belongs to no process: System V shared
 memory, message queues and semaphores, memfd files, POSIX message queues, a tmpfs mounted in a new
-user namespace, nor a second process with its own address space. The filter refuses every call that
-makes one (EPERM), so a run holds at most its address space plus its size-capped tmpfs. Threads
+user namespace, kernel memory that grows with calls rather than file descriptors (inotify and
+fanotify watches pin inodes, io_uring rings, bpf maps), nor a second process with its own address
+space. The filter refuses every call that makes one (EPERM), so a run holds at most its address
+space plus its size-capped tmpfs (and what its 64 file descriptors can pin). Threads
 stay allowed (they share the address space): ``clone`` is refused only without ``CLONE_THREAD``, and
 ``clone3`` answers ENOSYS, whose flags a filter cannot read, so the C library falls back to ``clone``.
 The same filter on every machine, so a candidate's score never depends on where it ran.
@@ -21,7 +23,8 @@ import platform
 import struct
 
 REFUSED = ("fork", "vfork", "shmget", "semget", "msgget", "mq_open", "memfd_create", "memfd_secret",
-           "unshare", "setns", "add_key", "request_key", "keyctl")
+           "inotify_init", "inotify_init1", "fanotify_init", "io_uring_setup", "bpf", "unshare", "setns",
+           "add_key", "request_key", "keyctl")
 CLONE_THREAD = 0x00010000
 X32_SYSCALL_BIT = 0x40000000
 
@@ -29,11 +32,13 @@ X32_SYSCALL_BIT = 0x40000000
 ARCHES = {
     "x86_64": (0xC000003E, {
         "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "shmget": 29, "semget": 64, "msgget": 68,
-        "mq_open": 240, "memfd_create": 319, "memfd_secret": 447, "unshare": 272, "setns": 308,
+        "mq_open": 240, "memfd_create": 319, "memfd_secret": 447, "inotify_init": 253, "inotify_init1": 294,
+        "fanotify_init": 300, "io_uring_setup": 425, "bpf": 321, "unshare": 272, "setns": 308,
         "add_key": 248, "request_key": 249, "keyctl": 250}),
-    "aarch64": (0xC00000B7, {  # no fork/vfork: the C library forks with clone
+    "aarch64": (0xC00000B7, {  # no fork/vfork/inotify_init: the C library uses clone/inotify_init1
         "clone": 220, "clone3": 435, "shmget": 194, "semget": 190, "msgget": 186, "mq_open": 180,
-        "memfd_create": 279, "memfd_secret": 447, "unshare": 97, "setns": 268, "add_key": 217,
+        "memfd_create": 279, "memfd_secret": 447, "inotify_init1": 26, "fanotify_init": 262,
+        "io_uring_setup": 425, "bpf": 280, "unshare": 97, "setns": 268, "add_key": 217,
         "request_key": 218, "keyctl": 219}),
 }
 
