@@ -512,3 +512,10 @@ def test_a_memory_cgroup_is_proven_or_refused_in_one_line():
         assert str(err) and "\n" not in str(err)
         return
     assert "memory" in (cgroups.base / "cgroup.subtree_control").read_text().split()
+
+
+def test_a_filter_that_does_not_go_on_means_the_candidate_never_runs(sandbox, monkeypatch):
+    monkeypatch.setattr(sys.modules["pipeline.sandbox.execute"], "FILTER", bytes(8))  # no return: EINVAL
+    result = run(sandbox, CORRECT)
+    assert (result.passed, result.status) == (0, "load_error")
+    assert result.detail == "sandbox: seccomp filter failed (errno 22)"

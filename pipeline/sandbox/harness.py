@@ -32,15 +32,17 @@ class SockFprog(ctypes.Structure):
 def confine(keyctl, program):
     """A fresh session keyring, then the filter (irrevocable, inherited by every thread)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if keyctl is not None and libc.syscall(keyctl, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+    word = ctypes.c_ulong
+    if keyctl is not None and libc.syscall(ctypes.c_long(keyctl), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
+                                           ctypes.c_void_p(None)) < 0:
         raise OSError(ctypes.get_errno(), "keyctl join session keyring")
     if program is None:
         return
     code = bytes.fromhex(program)
     buffer = ctypes.create_string_buffer(code, len(code))
     fprog = SockFprog(len(code) // FILTER_SIZE, ctypes.cast(buffer, ctypes.c_void_p))
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
-            libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, word(1), word(0), word(0), word(0)) != 0 or \
+            libc.prctl(PR_SET_SECCOMP, word(SECCOMP_MODE_FILTER), ctypes.byref(fprog), word(0), word(0)) != 0:
         raise OSError(ctypes.get_errno(), "seccomp filter")
 
 
