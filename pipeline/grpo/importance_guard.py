@@ -34,7 +34,7 @@ def describe_gain(evidence: dict[str, Any] | None) -> str:
     """"gain +0.0123 nats/pair [95% CI -0.0040, +0.0290] over 412 pairs" (or what is missing)."""
     if evidence is None:
         return "gain not recorded (retrain it with the current train_importance_net.py)"
-    text = f"gain {evidence['gain']:+.4f} nats/pair"
+    text = f"gain {evidence['gain']:+.4f} {evidence.get('units') or 'nats/pair'}"
     ci = evidence.get("gain_ci95")
     if ci:
         text += f" [95% CI {ci[0]:+.4f}, {ci[1]:+.4f}]"

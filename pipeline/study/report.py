@@ -155,9 +155,9 @@ def _importance_section(doc: Document, plan: StudyPlan, evidence: dict[str, Any]
     ci_note = "" if evidence is None or evidence.get("gain_ci95") else " (no bootstrap CI recorded)"
     doc.paragraph(f"Export {plan.export}: validation {describe_gain(evidence)}{ci_note}"
                   + (f", {evidence['prompts']} validation prompts" if evidence and evidence.get("prompts") else "")
-                  + ". The gain is the held-out negative log-likelihood per sister pair of the best constant f "
-                  "minus the net's: above 0 means the net predicts which prefixes decide the reward better than "
-                  "a constant.")
+                  + ". The gain is the best constant f's held-out loss per sister pair minus the net's (the "
+                  "stage-2 likelihood's negative log-likelihood): above 0 means the net predicts which prefixes "
+                  "decide the reward better than a constant.")
     if not gain_is_positive(evidence):
         doc.paragraph("WARNING: the gain is not above 0, so the delta / variance / shuffled weights are noise "
                       "around uniform: differences between those arms and the baseline say nothing about "
