@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,14 @@ def write_config(path: Path, options: dict[str, Any]) -> Path:
 
 
 def run_in_process(stage: str, config: Path) -> None:
-    """``python <stage>.py --config <config>`` without a new interpreter (its exit 2 on bad input stays)."""
-    command(stage).main(["--config", str(config)], prog_name=f"{SCRIPTS[stage]}.py", standalone_mode=False)
+    """``python <stage>.py --config <config>`` without a new interpreter (its exit 2 on bad input stays).
+
+    Stage 3 catches SIGTERM/SIGUSR1 to checkpoint and exit: the study's own handlers come back after it.
+    """
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        command(stage).main(["--config", str(config)], prog_name=f"{SCRIPTS[stage]}.py", standalone_mode=False)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     gc.collect()  # the run's models and optimizer go before the next run loads its own
