@@ -35,7 +35,7 @@ def make_batch(vocab_size: int) -> PolicyBatch:
 
 def _step(fabric, model, batch, loss_type, size, **kwargs):
     model.zero_grad(set_to_none=True)
-    options = {"beta": 0.04, "epsilon_low": 0.2, "epsilon_high": 1.1 if loss_type == "cispo" else 0.28,
+    options = {"beta": 0.04 if batch.ref_logps is not None else 0.0, "epsilon_low": 0.2, "epsilon_high": 1.1 if loss_type == "cispo" else 0.28,
                "max_completion_length": batch.completion_len + 2,
                "num_items_in_batch": batch.completion_mask.sum()}
     result = accumulate(fabric, model, batch, loss_type, options, size, temperature=0.9, **kwargs)
@@ -84,6 +84,13 @@ def test_entropy_mask_uses_the_whole_batch(setup, size):
     _assert_same(one, many)
     torch.testing.assert_close(many[0].weights, one[0].weights, rtol=0, atol=0)
     assert 0 < (one[0].weights > 0).sum() < batch.completion_mask.sum()
+
+
+def test_entropy_only_when_asked(setup):
+    fabric, model = setup
+    batch = make_batch(model.config.vocab_size)
+    batch.old_logps = batch.ref_logps = None
+    assert _step(fabric, model, batch, "dapo", 4, with_entropy=False)[0].entropies is None
 
 
 def test_micro_batches_cover_every_row_once():

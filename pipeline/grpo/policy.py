@@ -4,8 +4,8 @@
   hold only the adapter; the KL reference is the same model with its adapters disabled (no second
   copy, as TRL does); under a bf16 precision the frozen base is stored in bf16 (TRL loads it so) and
   the adapter in fp32. ``policy/`` gets the merged model plus the adapter in ``policy/adapter/``.
-- ``--gradient_checkpointing``: Hugging Face's, non-reentrant. The policy is in train mode (HF only
-  checkpoints then; Llama/Qwen have no dropout, LoRA's own dropout applies).
+- ``--gradient_checkpointing``: Hugging Face's (``activation_checkpointing_enable``), non-reentrant.
+  The policy is in train mode (HF only checkpoints then; Llama/Qwen have no dropout, LoRA's applies).
 - Precision: a true-half precision would train the weights themselves in bf16, where AdamW's
   updates at lr 1e-6 round away: refused unless only an adapter trains. Rotary ``inv_freq``
   buffers stay fp32 whatever Fabric converts.
@@ -60,7 +60,7 @@ def build_policy(args: GRPOArgs) -> nn.Module:
     """The model that trains (an HF model, or a peft model around one), in train mode."""
     model = load_causal_lm(args.model_name, dtype=base_dtype(args))
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.use_peft:
         from peft import get_peft_model
 
