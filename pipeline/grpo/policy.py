@@ -58,7 +58,11 @@ def lora_config(args: GRPOArgs) -> Any:
 
 def build_policy(args: GRPOArgs) -> nn.Module:
     """The model that trains (an HF model, or a peft model around one), in train mode."""
-    model = load_causal_lm(args.model_name, dtype=base_dtype(args))
+    return prepare_policy(load_causal_lm(args.model_name, dtype=base_dtype(args)), args)
+
+
+def prepare_policy(model: nn.Module, args: GRPOArgs) -> nn.Module:
+    """Activation checkpointing and LoRA on a loaded HF model (in ``base_dtype(args)``), then train mode."""
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.use_peft:
