@@ -15,6 +15,7 @@ from pipeline.cli import (
     stage_command,
 )
 from pipeline.grpo.config import SCALE_REWARDS
+from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
 from pipeline.models import DEFAULT_MODEL
@@ -72,12 +73,23 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("devices", default="1")
 @option("num_nodes", type=int, default=1)
 @option("strategy", default="auto", help="Fabric strategy: auto, ddp, fsdp, ...")
-@option("precision", default="32-true")
+@option("precision", default="32-true", help="Fabric precision; bf16-mixed on GPUs (bf16-true needs --use_peft).")
 @option("out_dir", default="rollout_dump")
 @option("run_name", default=None)
 @option("resume", is_flag=True, default=False, help="Continue from the run's newest checkpoint.")
 @option("require_importance_gain", is_flag=True, default=False,
         help="Refuse to start when the importance net's validation gain is not above 0 (its weights are noise).")
+@option("per_device_train_batch_size", type=int, default=None,
+        help="Completions per forward/backward; gradients accumulate over the step [default: the whole step].")
+@option("logprob_chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,
+        help="Completion positions per LM-head chunk (0: all positions at once).")
+@option("entropy_every", type=int, default=1, help="Log the policy's entropy every N steps (0: never).")
+@option("gradient_checkpointing", is_flag=True, default=False, help="Recompute activations in backward.")
+@option("use_peft", is_flag=True, default=False, help="Train a LoRA adapter instead of the whole policy.")
+@option("lora_r", type=int, default=16)
+@option("lora_alpha", type=int, default=32)
+@option("lora_dropout", type=float, default=0.05)
+@option("lora_target_modules", default=None, help="Comma-separated module names, or all-linear [default: peft's].")
 @run_stage
 def main(**kwargs) -> None:
     """GRPO with per-token weights from the importance network, prompts drawn by a curriculum sampler."""

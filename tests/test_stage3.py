@@ -143,6 +143,8 @@ def test_resume_matches_uninterrupted_run(interrupt, tiny_model_dir, uninterrupt
     (["--sampler", "no_such_sampler"], "no_such_sampler"),
     (["--group_size", "1"], "--group_size must be >= 2"),
     (["--softmask", "delta", "--importance_net", "/no/such/export"], "not an importance-net export"),
+    (["--precision", "bf16-true"], "AdamW"),
+    (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size"),
 ])
 def test_bad_input_exits_2_with_one_line(extra, message, tiny_model_dir, tmp_path):
     result = CliRunner().invoke(main, ["--model_name", str(tiny_model_dir), *FAST, "--out_dir", str(tmp_path), *extra])

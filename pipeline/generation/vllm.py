@@ -117,9 +117,12 @@ def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Full tensors under the checkpoint names vLLM's ``load_weights`` expects, one at a time.
 
     Unwraps Fabric/DDP, gathers FSDP shards (FSDP1: summon_full_params; FSDP2: DTensor.full_tensor),
-    and merges PEFT adapters into the base weights for the duration (unmerged afterwards).
+    and adds LoRA adapters' deltas to their base weights out of place: merging in place and
+    unmerging after would leave the frozen base (and the KL reference, the base with adapters
+    disabled) off by a rounding error that grows with every sync.
     """
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
@@ -131,14 +134,26 @@ def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         if any(isinstance(m, FSDP) for m in model.modules()):
             stack.enter_context(FSDP.summon_full_params(model, writeback=False))
         peft_prefix = model.prefix if isinstance(model, PeftModel) else None  # "lora_" for LoRA
-        if peft_prefix is not None:
-            model.merge_adapter()
-            stack.callback(model.unmerge_adapter)
+        lora = {f"{name}.base_layer.weight": layer for name, layer in model.named_modules()
+                if isinstance(layer, LoraLayer)}
         for name, param in model.named_parameters():
             if peft_prefix is not None and (peft_prefix in name or "original_module" in name):
                 continue  # adapter weights are merged; a modules_to_save copy replaces its original
-            tensor = param.full_tensor() if isinstance(param, DTensor) else param
-            yield checkpoint_name(name), tensor.detach()
+            tensor = (param.full_tensor() if isinstance(param, DTensor) else param).detach()
+            if name in lora:
+                tensor = merged_weight(lora[name], tensor)
+            yield checkpoint_name(name), tensor
+
+
+def merged_weight(layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` plus the deltas of the LoRA ``layer``'s active adapters, a new tensor (fp32 sum, weight's dtype)."""
+    if layer.merged or layer.disable_adapters:
+        return weight
+    merged = weight.float()
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            merged = merged + layer.get_delta_weight(adapter).float()
+    return merged.to(weight.dtype)
 
 
 def checkpoint_name(name: str) -> str:

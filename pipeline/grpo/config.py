@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
 from pipeline.grpo.losses import POLICY_LOSSES
+from pipeline.grpo.policy import check_precision
 from pipeline.grpo.softmask import SOFTMASKS
 
 NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
@@ -65,12 +67,22 @@ class GRPOArgs:
     run_name: str | None = None
     resume: bool = False
     require_importance_gain: bool = False
+    per_device_train_batch_size: int | None = None  # completions per forward/backward (None: the whole step)
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # completion positions per LM-head chunk (0: all at once)
+    entropy_every: int = 1  # log the policy's entropy every N steps (0: never)
+    gradient_checkpointing: bool = False
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str | None = None  # comma-separated, or all-linear (default: peft's for the model)
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
         skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend",
                 "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype",
-                "require_importance_gain"}
+                "require_importance_gain", "per_device_train_batch_size", "logprob_chunk_size", "entropy_every",
+                "gradient_checkpointing"}
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -92,3 +104,9 @@ def validate(args: GRPOArgs) -> None:
         raise UserError("need 0 <= --softmask_strength <= 1 and 0 < --entropy_quantile <= 1")
     if args.max_steps < 1 or args.prompts_per_step < 1 or args.num_iterations < 1:
         raise UserError("--max_steps, --prompts_per_step and --num_iterations must be >= 1")
+    if (args.per_device_train_batch_size or 1) < 1 or args.logprob_chunk_size < 0 or args.entropy_every < 0:
+        raise UserError("need --per_device_train_batch_size >= 1, --logprob_chunk_size >= 0 (0: all at once) "
+                        "and --entropy_every >= 0 (0: never)")
+    if args.use_peft and (args.lora_r < 1 or args.lora_alpha <= 0 or not 0 <= args.lora_dropout < 1):
+        raise UserError("--use_peft needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1")
+    check_precision(args.precision, args.use_peft)

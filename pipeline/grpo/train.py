@@ -32,14 +32,23 @@ from pipeline.grpo.advantages import group_advantages, zero_std_fraction
 from pipeline.grpo.config import NEEDS_IMPORTANCE, GRPOArgs, validate
 from pipeline.grpo.evaluation import evaluate
 from pipeline.grpo.importance_guard import check_importance_gain
-from pipeline.grpo.logprobs import completion_logprobs
-from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
+from pipeline.grpo.losses import mask_truncated_completions
+from pipeline.grpo.microbatch import PolicyBatch, accumulate, score
+from pipeline.grpo.policy import (
+    build_policy,
+    build_reference,
+    checkpoint_entry,
+    reference_model,
+    save_policy,
+    setup,
+    trainable_parameters,
+)
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
 from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve
 from pipeline.grpo.rollout import Experience, collect
 from pipeline.grpo.softmask import soft_mask_weights, weight_stats
 from pipeline.hybrid_reward import prepare_hybrid
-from pipeline.models import load_causal_lm, load_tokenizer, model_slug
+from pipeline.models import load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.scoring import parse_reward_weights
 from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
@@ -114,12 +123,12 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"--sampler {args.sampler}: {err}") from err
         torch.manual_seed(args.seed)
-        self.policy = load_causal_lm(args.model_name)
-        self.reference = load_causal_lm(args.model_name).eval().requires_grad_(False) if args.beta else None
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.policy = build_policy(args)
+        self.reference = build_reference(args)  # None with LoRA: the policy with adapters disabled
+        optimizer = torch.optim.AdamW(trainable_parameters(self.policy), lr=args.lr, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
-        self.model, self.optimizer = self.fabric.setup(self.policy, optimizer)
+        self.model, self.optimizer = setup(self.fabric, self.policy, optimizer)
         if self.reference is not None:
             self.reference = self.fabric.to_device(self.reference)
         if self.importance is not None:
@@ -138,7 +147,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        return {"policy": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler.state_dict(),
+        return {"policy": checkpoint_entry(self.model, self.args.use_peft), "optimizer": self.optimizer, "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(), "rng": _rng_state(), "step": self.step,
                 "args": asdict(self.args)}
 
@@ -191,8 +200,9 @@ class Trainer:
     def _weights(self, exp: Experience, mask: torch.Tensor, entropies: torch.Tensor | None) -> torch.Tensor:
         f = None
         if self.importance is not None:
-            f = self.importance.score_padded(exp.prompt_ids, [c.token_ids for c in exp.completions],
-                                             width=exp.completion_len).to(mask.device)
+            with self.fabric.autocast():
+                f = self.importance.score_padded(exp.prompt_ids, [c.token_ids for c in exp.completions],
+                                                 width=exp.completion_len).to(mask.device)
         return soft_mask_weights(self.args.softmask, mask, self.args.softmask_strength, f=f,
                                  entropies=entropies, entropy_quantile=self.args.entropy_quantile)
 
@@ -215,31 +225,33 @@ class Trainer:
         if args.mask_truncated_completions:
             mask = mask_truncated_completions(mask, exp.truncated.to(fabric.device))
         num_items = fabric.all_reduce(mask.sum(), reduce_op="sum") / fabric.world_size
-        old_logps = ref_logps = None
-        with torch.no_grad():
-            if args.num_iterations > 1:
-                old_logps, _ = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
-                                                   args.temperature)
-            if self.reference is not None:
-                ref_logps, _ = completion_logprobs(self.reference, input_ids, attention, exp.completion_len,
-                                                   args.temperature)
-        weights = None if args.softmask == "entropy" else self._weights(exp, mask, None)
+        batch = PolicyBatch(input_ids, attention, mask, advantages)
+        size, chunk = args.per_device_train_batch_size, args.logprob_chunk_size
+        if args.num_iterations > 1:
+            batch.old_logps, _ = score(self.model, batch, size, args.temperature, chunk_size=chunk)
+        if args.beta:
+            with reference_model(self.model, self.reference) as reference, fabric.autocast():
+                batch.ref_logps, _ = score(reference, batch, size, args.temperature, chunk_size=chunk)
+
+        def entropy_mask(entropies: torch.Tensor) -> torch.Tensor:
+            return self._weights(exp, mask, entropies)
+
+        if args.softmask != "entropy":
+            batch.weights = self._weights(exp, mask, None)
+        log_entropy = args.entropy_every > 0 and (self.step + 1) % args.entropy_every == 0
+        loss_options = {"beta": args.beta, "epsilon_low": args.epsilon, "epsilon_high": args.epsilon_high,
+                        "max_completion_length": args.max_new_tokens, "num_items_in_batch": num_items}
         for _ in range(args.num_iterations):
-            logps, entropies = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
-                                                   args.temperature, with_entropy=True)
-            if args.softmask == "entropy":
-                weights = self._weights(exp, mask, entropies)
-            loss, loss_metrics = compute_policy_loss(
-                args.loss_type, logps, old_logps, advantages, mask, weights, ref_logps=ref_logps, beta=args.beta,
-                epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, max_completion_length=args.max_new_tokens,
-                num_items_in_batch=num_items)
-            fabric.backward(loss)
+            result = accumulate(fabric, self.model, batch, args.loss_type, loss_options, size, args.temperature,
+                                with_entropy=log_entropy, chunk_size=chunk,
+                                weights_from_entropies=entropy_mask if args.softmask == "entropy" else None)
             grad_norm = fabric.clip_gradients(self.model, self.optimizer, max_norm=args.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        weights, entropies = result.weights, result.entropies
         self.scheduler.step()
         self.backend.sync_weights(self.policy)
-        logged = {"loss": loss.detach(), **loss_metrics}  # global values: this rank's shard averaged over ranks
+        logged = {"loss": result.loss, **result.metrics}  # global values: this rank's shard averaged over ranks
         logged = {k: float(fabric.all_reduce(v, reduce_op="mean")) for k, v in logged.items()}
         per_prompt = np.nanmean(all_rewards.reshape(-1, args.group_size), axis=1)
         self.sampler.update(list(indices), per_prompt.tolist())
@@ -251,7 +263,7 @@ class Trainer:
             "reward_std": float(all_rewards.std()),
             "frac_zero_std_groups": zero_std_fraction(torch.as_tensor(all_rewards), args.group_size),
             "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-            "entropy": float((entropies * mask).sum() / mask.sum().clamp(min=1)),
+            "entropy": float("nan") if entropies is None else float((entropies * mask).sum() / mask.sum().clamp(min=1)),
             "completion_len": float(exp.completion_mask.sum(1).mean()),
             "truncated_frac": float(exp.truncated.float().mean()),
             "tokens_per_s": float(exp.completion_mask.sum() / t_gen), "step_time_s": elapsed,
@@ -329,8 +341,7 @@ class Trainer:
         plot_learning_curve(metrics, evals, self.run_dir / "learning_curve.png")
         plot_curriculum(metrics, self.run_dir / "curriculum.png")
         policy_dir = self.run_dir / "policy"
-        self.policy.save_pretrained(policy_dir)
-        self.tokenizer.save_pretrained(policy_dir)
+        save_policy(self.policy, self.tokenizer, policy_dir)
         final_eval = evals[evals["step"] == evals["step"].max()] if not evals.empty else evals
         metadata = {"arguments": asdict(self.args), "run_dir": str(self.run_dir), "started": started,
                     "finished": artifacts.now_iso(), "runtime_s_this_process": round(runtime, 2),

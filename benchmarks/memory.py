@@ -1,0 +1,360 @@
+"""Stage 3 at scale: peak memory of one GRPO step (generation excluded), before and after the memory savings.
+
+A random model with Qwen2.5-0.5B's shape (vocabulary 151,936; built from a config, no download)
+takes one stage-3 step of G completions of T tokens on CPU, each measurement in a fresh subprocess
+whose peak resident memory (``ru_maxrss``) is the figure. The step is the pipeline's own:
+``microbatch.accumulate`` (log-probs, entropy, dapo loss, backward), gradient clipping, AdamW. A
+warm-up step on one short completion runs first, so AdamW's states exist during the measured step,
+as in every step after the first.
+
+- ``empty``: the warm-up step alone: weights, gradients, AdamW states (the per-parameter cost);
+- ``before``: one batch, all logits at once, no checkpointing (the code before issue 14). At G = 8
+  x 1,024 it needs ~35 GB, so it runs with one completion and is extrapolated linearly in G (memory
+  is linear in the batch);
+- ``after``: micro-batches of 2, log-probs in chunks, gradient checkpointing, at G = 8 (and at G = 2,
+  with two chunk sizes, to split the transient into layer activations and the logits chunk).
+
+From the measured per-parameter and per-element costs it predicts the peak of the same step on a
+GPU under bf16-mixed for Qwen2.5-1.5B (full fine-tune) and Qwen2.5-7B (LoRA). ``benchmarks/gpu_check.py``
+measures those on a GPU. Run a probe alone: ``python -m benchmarks.memory --probe '{"G": 2, ...}'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+TARGET_RATIO = 0.25
+TARGET_GB = 80.0
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+
+QWEN_05B = Shape("Qwen2.5-0.5B", 151_936, 896, 4_864, 24, 14, 2, True)
+QWEN_15B = Shape("Qwen2.5-1.5B", 151_936, 1_536, 8_960, 28, 12, 2, True)
+QWEN_7B = Shape("Qwen2.5-7B", 152_064, 3_584, 18_944, 28, 28, 4, False)
+SMALL = Shape("small (Qwen vocabulary, 4 layers)", 151_936, 256, 704, 4, 4, 2, True)
+TINY = Shape("tiny", 512, 64, 128, 2, 4, 2, True)
+SHAPES = {s.name: s for s in (QWEN_05B, QWEN_15B, QWEN_7B, SMALL, TINY)}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measured step: the model, the batch and the memory options."""
+
+    shape: str = QWEN_05B.name
+    G: int = 8  # completions in the step
+    T: int = 1024  # completion tokens
+    P: int = 64  # prompt tokens
+    micro_batch: int | None = None  # None: one batch
+    chunk: int = 0  # log-prob chunk (0: all positions at once)
+    checkpointing: bool = False
+    lora: bool = False
+    precision: str = "32-true"
+    device: str = "cpu"
+    empty: bool = False  # measure a step of one 16-token completion: weights, gradients, AdamW
+
+
+BEFORE = {"micro_batch": None, "chunk": 0, "checkpointing": False}
+
+
+def qwen_config(shape: Shape) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                       num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.tied,
+                       max_position_embeddings=4096, use_sliding_window=False)
+
+
+def grpo_args(probe: Probe) -> Any:
+    from pipeline.grpo.config import GRPOArgs
+
+    return GRPOArgs(model_name=f"random {probe.shape}", gradient_checkpointing=probe.checkpointing,
+                    use_peft=probe.lora, lora_dropout=0.0, precision=probe.precision,
+                    per_device_train_batch_size=probe.micro_batch, logprob_chunk_size=probe.chunk)
+
+
+def random_policy(probe: Probe) -> Any:
+    """The shape's model with random weights, prepared as stage 3 prepares a policy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.grpo.policy import base_dtype, prepare_policy
+
+    args = grpo_args(probe)
+    with torch.device(probe.device):
+        model = AutoModelForCausalLM.from_config(qwen_config(SHAPES[probe.shape]), dtype=base_dtype(args))
+    return prepare_policy(model, args)
+
+
+def random_batch(probe: Probe, completions: int, length: int, device: Any) -> Any:
+    """Left-padded random prompts of ``P`` tokens and full-length completions (every token counts)."""
+    import torch
+
+    from pipeline.grpo.microbatch import PolicyBatch
+
+    gen = torch.Generator().manual_seed(completions * 10_000 + length)
+    vocab = SHAPES[probe.shape].vocab
+    ids = torch.randint(0, vocab, (completions, probe.P + length), generator=gen)
+    return PolicyBatch(ids.to(device), torch.ones_like(ids).to(device), torch.ones(completions, length, device=device),
+                       torch.randn(completions, generator=gen).to(device))
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key + ":"))
+
+
+class PeakMemory:
+    """Peak memory of a phase: the kernel's resident high-water mark (reset through clear_refs), or CUDA's."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def current(self) -> int:
+        import torch
+
+        return torch.cuda.memory_allocated() if self.cuda else _status_kb("VmRSS") * 1024
+
+    def reset(self) -> int:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+        return self.current()
+
+    def peak(self) -> int:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return _status_kb("VmHWM") * 1024
+
+
+def run_probe(probe: Probe) -> dict[str, Any]:
+    """Build the policy, take the warm-up step, then the measured one: memory held before it, and the
+    peak above that during forward/backward and during the optimizer step."""
+    import lightning as L
+    import torch
+    import transformers  # noqa: F401 - imported before the baseline, like everything the step uses
+
+    from pipeline.grpo.microbatch import accumulate
+    from pipeline.grpo.policy import setup, trainable_parameters
+
+    if probe.lora:
+        import peft  # noqa: F401
+    cuda = probe.device.startswith("cuda")
+    memory = PeakMemory(cuda)
+    base = memory.current()
+    fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=1, precision=probe.precision)
+    policy = random_policy(probe)
+    trainable = trainable_parameters(policy)
+    model, optimizer = setup(fabric, policy, torch.optim.AdamW(trainable, lr=1e-6))
+
+    def backward(batch) -> None:
+        options = {"num_items_in_batch": batch.completion_mask.sum()}
+        accumulate(fabric, model, batch, "dapo", options, probe.micro_batch, 1.0, with_entropy=True,
+                   chunk_size=probe.chunk)
+        fabric.clip_gradients(model, optimizer, max_norm=1.0)
+
+    def optimizer_step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    backward(random_batch(probe, 1, 16, fabric.device))
+    optimizer_step()
+    batch = random_batch(probe, 1, 16, fabric.device) if probe.empty else random_batch(probe, probe.G, probe.T,
+                                                                                        fabric.device)
+    held = memory.reset()
+    start = time.perf_counter()
+    backward(batch)
+    backward_peak = memory.peak()
+    memory.reset()
+    optimizer_step()
+    optimizer_peak = memory.peak()
+    seconds = time.perf_counter() - start
+    return {"probe": asdict(probe), "params": sum(p.numel() for p in policy.parameters()),
+            "trainable": sum(p.numel() for p in trainable), "held_bytes": held - base,
+            "backward_bytes": backward_peak - held, "optimizer_bytes": optimizer_peak - held,
+            "peak_bytes": max(backward_peak, optimizer_peak) - base, "step_s": seconds,
+            "memory": "torch.cuda.max_memory_allocated" if cuda else "resident memory (VmHWM, VmRSS)"}
+
+
+def measure(probe: Probe) -> dict[str, Any]:
+    """``run_probe`` in a fresh process, so its peak is its own; large allocations are mmap'd so freed memory leaves."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--probe", json.dumps(asdict(probe))],
+                         capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"probe {probe} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+@dataclass
+class Config:
+    shape: str = QWEN_05B.name
+    G: int = 8
+    T: int = 1024
+    P: int = 64
+    micro_batch: int = 2
+    chunk: int = 512
+    predict_G: int = 8  # the GPU predictions' step: G completions of predict_T tokens
+    predict_T: int = 1024
+    predict_chunk: int = 512
+    lora_r: int = 16  # peft's default targets for Qwen2: q_proj, v_proj
+    probes: list[str] = field(default_factory=lambda: ["empty", "before", "after_chunk", "after_2chunk", "after"])
+
+
+QUICK = Config(shape=SMALL.name, G=4, T=256, P=32, chunk=128)
+
+
+def _probes(cfg: Config) -> dict[str, Probe]:
+    common = Probe(shape=cfg.shape, G=cfg.G, T=cfg.T, P=cfg.P)
+    after = replace(common, micro_batch=cfg.micro_batch, chunk=cfg.chunk, checkpointing=True)
+    one_micro_batch = replace(after, G=cfg.micro_batch)
+    return {"empty": replace(common, empty=True, G=1), "before": replace(common, G=1, **BEFORE),
+            "after_chunk": one_micro_batch, "after_2chunk": replace(one_micro_batch, chunk=2 * cfg.chunk),
+            "after": after}
+
+
+def lora_params(shape: Shape, r: int) -> int:
+    """LoRA on q_proj and v_proj (peft's default for Qwen2), r x (in + out) per matrix."""
+    head_dim = shape.hidden // shape.heads
+    return shape.layers * r * ((shape.hidden + shape.hidden) + (shape.hidden + shape.kv_heads * head_dim))
+
+
+def shape_params(shape: Shape) -> int:
+    """Parameters of a Qwen2 decoder (q/k/v biases, RMSNorms, embedding tied or not)."""
+    head_dim = shape.hidden // shape.heads
+    kv = shape.kv_heads * head_dim
+    attention = shape.hidden * (shape.hidden + 2 * kv) + shape.hidden + 2 * kv + shape.hidden * shape.hidden
+    layer = attention + 3 * shape.hidden * shape.intermediate + 2 * shape.hidden
+    return shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.layers * layer + shape.hidden
+
+
+def predict(costs: dict[str, float], shape: Shape, cfg: Config, lora: bool) -> dict[str, float]:
+    """Peak of one step under bf16-mixed on a GPU, from the measured costs (fp32 CPU activations: an upper bound).
+
+    Held through the step: weights and AdamW states (full fine-tune, at the measured bytes per
+    parameter), or the frozen base in bf16 (2 bytes) and the adapter's. On top of that, the larger
+    of forward/backward (gradients, autocast's bf16 weight copies (2 bytes per fp32 weight), the
+    checkpointed activations of one micro-batch, one logits chunk) and the optimizer step (its
+    measured temporaries per trained parameter).
+    """
+    params = shape_params(shape)
+    trained = lora_params(shape, cfg.lora_r) if lora else params
+    held = trained * costs["held_per_param"] + (params * 2 if lora else 0)
+    activations = costs["bytes_per_activation"] * cfg.micro_batch * (cfg.P + cfg.predict_T) * shape.layers * shape.hidden
+    logits = costs["bytes_per_chunk_logit"] * cfg.predict_chunk * shape.vocab
+    backward = trained * costs["grad_per_param"] + (0 if lora else 2 * params) + activations + logits
+    optimizer = trained * costs["optimizer_per_param"]
+    return {"params": params, "held_gb": held / GB, "backward_gb": backward / GB, "activations_gb": activations / GB,
+            "logits_gb": logits / GB, "optimizer_gb": optimizer / GB, "peak_gb": (held + max(backward, optimizer)) / GB}
+
+
+def run(ctx: Any, cfg: Config) -> dict[str, Any]:
+    probes = _probes(cfg)
+    r: dict[str, Any] = {}
+    for name in cfg.probes:
+        probe = probes[name]
+        print(f"  probe {name}: G={probe.G} T={probe.T} micro-batch={probe.micro_batch} chunk={probe.chunk} "
+              f"checkpointing={probe.checkpointing} (available memory {available_bytes() / GB:.1f} GB)", flush=True)
+        r[name] = measure(probe)
+        print(f"    held {r[name]['held_bytes'] / GB:.2f} GB + forward/backward {r[name]['backward_bytes'] / GB:.2f} GB"
+              f" / optimizer {r[name]['optimizer_bytes'] / GB:.2f} GB; step {r[name]['step_s']:.1f} s", flush=True)
+    shape = SHAPES[cfg.shape]
+    params = r["empty"]["params"]
+    held = r["after"]["held_bytes"]
+    gradients = r["empty"]["backward_bytes"]
+    per_completion = r["before"]["backward_bytes"] - gradients
+    before = held + max(gradients + cfg.G * per_completion, r["after"]["optimizer_bytes"])
+    after = r["after"]["peak_bytes"]
+    chunk_logit = (r["after_2chunk"]["backward_bytes"] - r["after_chunk"]["backward_bytes"]) / (cfg.chunk * shape.vocab)
+    activations = r["after_chunk"]["backward_bytes"] - gradients - chunk_logit * cfg.chunk * shape.vocab
+    costs = {"held_per_param": held / params, "grad_per_param": gradients / params,
+             "optimizer_per_param": r["after"]["optimizer_bytes"] / params,
+             "bytes_per_logit_before": per_completion / (cfg.T * shape.vocab), "bytes_per_chunk_logit": chunk_logit,
+             "bytes_per_activation": activations / (cfg.micro_batch * (cfg.P + cfg.T) * shape.layers * shape.hidden)}
+    predictions = {"1.5B full": predict(costs, QWEN_15B, cfg, lora=False),
+                   "7B LoRA": predict(costs, QWEN_7B, cfg, lora=True)}
+    summary = {"config": asdict(cfg), "probes": r, "costs": costs, "before_bytes": before, "after_bytes": after,
+               "ratio": after / before, "predictions": predictions}
+    summary["checks"] = [
+        {"name": "memory after / before (one step, G x T)", "value": summary["ratio"], "target": TARGET_RATIO,
+         "op": "<=", "detail": f"{shape.name}, G={cfg.G} x {cfg.T} tokens, CPU resident memory"},
+        *({"name": f"predicted peak GB, {name}, bf16-mixed", "value": p["peak_gb"], "target": TARGET_GB,
+           "op": "<=", "detail": f"G={cfg.predict_G} x {cfg.predict_T}, micro-batch {cfg.micro_batch}"}
+          for name, p in predictions.items()),
+    ]
+    return summary
+
+
+def rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
+    c, p, k = s["config"], s["probes"], s["costs"]
+
+    def split(name: str) -> str:
+        return (f"{p[name]['peak_bytes'] / GB:.2f} (held {p[name]['held_bytes'] / GB:.2f} + max(forward/backward "
+                f"{p[name]['backward_bytes'] / GB:.2f}, optimizer {p[name]['optimizer_bytes'] / GB:.2f}))")
+
+    out = [("model", f"{c['shape']} random weights, {p['empty']['params'] / 1e6:.0f}M parameters, fp32, CPU"),
+           ("step", f"G={c['G']} completions x {c['T']} tokens (+{c['P']} prompt), dapo, AdamW, generation excluded"),
+           ("empty step (one 16-token completion) GB", split("empty")),
+           ("before, G=1 measured GB", split("before")),
+           (f"before, G={c['G']} (G=1 extrapolated linearly in G) GB", s["before_bytes"] / GB),
+           (f"after, G={c['G']} measured GB (micro-batch {c['micro_batch']}, chunk {c['chunk']}, checkpointing)",
+            split("after")),
+           (f"after, G={c['micro_batch']} measured GB, chunk {c['chunk']}", split("after_chunk")),
+           (f"after, G={c['micro_batch']} measured GB, chunk {2 * c['chunk']}", split("after_2chunk")),
+           ("after / before", s["ratio"]),
+           (f"step s: before G=1 / after G={c['G']}", f"{p['before']['step_s']:.1f} / {p['after']['step_s']:.1f}"),
+           ("bytes per parameter held (fp32 weight + AdamW states) / gradients / optimizer step",
+            f"{k['held_per_param']:.1f} / {k['grad_per_param']:.1f} / {k['optimizer_per_param']:.1f}"),
+           ("bytes per logit element before (incl. its completion's activations)", k["bytes_per_logit_before"]),
+           ("bytes per logit element of a chunk", k["bytes_per_chunk_logit"]),
+           ("bytes per checkpointed activation (token x layer x hidden)", k["bytes_per_activation"])]
+    for name, pred in s["predictions"].items():
+        out.append((f"predicted GPU peak, {name} ({pred['params'] / 1e9:.2f}B), bf16-mixed GB",
+                    f"{pred['peak_gb']:.1f} (held {pred['held_gb']:.1f} + max(forward/backward {pred['backward_gb']:.1f}"
+                    f" incl. activations {pred['activations_gb']:.1f} and logits chunk {pred['logits_gb']:.1f}, "
+                    f"optimizer {pred['optimizer_gb']:.1f}))"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one memory probe (used by the memory benchmark)")
+    parser.add_argument("--probe", required=True, help="JSON of a Probe")
+    probe = Probe(**json.loads(parser.parse_args(argv).probe))
+    print(json.dumps(run_probe(probe)))
+
+
+if __name__ == "__main__":
+    main()
