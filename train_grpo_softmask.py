@@ -14,7 +14,7 @@ from pipeline.cli import (
     run_stage,
     stage_command,
 )
-from pipeline.grpo.config import SCALE_REWARDS
+from pipeline.grpo.config import IMPORTANCE_SOURCES, SCALE_REWARDS
 from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
@@ -37,7 +37,8 @@ def _mapping(_ctx, _param, value) -> dict:
 @config_option
 @option("model_name", default=DEFAULT_MODEL, help="Policy: alias, local HF directory or hub id.")
 @option("task_name", default="countdown", help="countdown, arithmetic, or a .jsonl/.parquet dataset path.")
-@option("importance_net", default=None, help="Stage-2 export directory (needed by delta/variance).")
+@option("importance_net", default=None,
+        help="Stage-2 export directory (needed by delta/variance/shuffled; with --importance online, a warm start).")
 @option("softmask", type=click.Choice(sorted(SOFTMASKS)), default="none")
 @option("softmask_strength", type=float, default=1.0, help="lambda: 0 = uniform weights, 1 = full mask.")
 @option("entropy_quantile", type=float, default=0.2, help="entropy mode: share of tokens kept.")
@@ -90,6 +91,15 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("lora_alpha", type=int, default=32)
 @option("lora_dropout", type=float, default=0.05)
 @option("lora_target_modules", default=None, help="Comma-separated module names, or all-linear [default: peft's].")
+@option("importance", type=click.Choice(IMPORTANCE_SOURCES), default="offline",
+        help="f for delta/variance/shuffled: the stage-2 net (offline), or a head on the policy's own hidden states "
+             "refit during the run on paired groups (online; --importance_net then only warm-starts it).")
+@option("online_refit_every", type=int, default=1, help="online: steps between refits of the head.")
+@option("online_buffer_size", type=int, default=1024, help="online: the most recent pairs the head is fit on.")
+@option("online_refit_iters", type=int, default=25, help="online: full-batch AdamW steps per refit.")
+@option("online_lr", type=float, default=1e-2, help="online: the head's learning rate.")
+@option("online_heldout_fraction", type=float, default=0.2,
+        help="online: share of prompts whose pairs only judge the head against the constant f.")
 @run_stage
 def main(**kwargs) -> None:
     """GRPO with per-token weights from the importance network, prompts drawn by a curriculum sampler."""

@@ -3,7 +3,8 @@
 For each pair the split point t is drawn *before* looking at the sister it splits: uniform on
 0..t_max, where t_max is a length quantile of the sister-A completions of the *other* prompts in
 the same chunk (or a fixed maximum). Sister A is sampled in full; sister B continues from
-prompt + A[:t], so its prefix is prefill, not decode. A pair whose A ended at or before t is
+prompt + A[:t], so its prefix is prefill, not decode (with a fixed maximum, a backend that can
+decodes both sisters side by side in one pass instead). A pair whose A ended at or before t is
 degenerate (B == A): kept and flagged, never regenerated.
 """
 
@@ -57,34 +58,48 @@ def split_limits(lengths_by_prompt: Sequence[Sequence[int]], max_new_tokens: int
 
 def sample_pairs(backend: GenerationBackend, prompts: Sequence[Prompt], params: SamplingParams,
                  cfg: PairingConfig, seed: int, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """All groups of ``prompts`` as one record per completion (rewards not yet attached)."""
+    """All groups of ``prompts`` as one record per completion (rewards not yet attached).
+
+    With a fixed t_max (``cfg.max_split_tokens``) t does not wait for any sister A, so a backend that
+    decodes sisters side by side (``generate_pairs``) samples both in one pass; otherwise sister B is
+    a second request for prompt + A[:t]. Either way B is prompt + A[:t] continued with B's seed.
+    """
     pairs = cfg.group_size // 2
     slots = [(p, p.index * cfg.groups_per_prompt + g, k)
              for p in prompts for g in range(cfg.groups_per_prompt) for k in range(pairs)]
-    sisters_a = backend.generate(
-        [Request(p.token_ids, params.max_new_tokens, request_seed(seed, p.row["prompt_id"], gid, 2 * k))
-         for p, gid, k in slots], params)
+    requests_a = [Request(p.token_ids, params.max_new_tokens, request_seed(seed, p.row["prompt_id"], gid, 2 * k))
+                  for p, gid, k in slots]
+    seeds_b = [request_seed(seed, p.row["prompt_id"], gid, 2 * k + 1) for p, gid, k in slots]
     per_prompt = len(slots) // len(prompts)
-    lengths = [[len(c.token_ids) for c in sisters_a[i * per_prompt:(i + 1) * per_prompt]]
-               for i in range(len(prompts))]
-    limits = split_limits(lengths, params.max_new_tokens, cfg)
-    splits = [int(rng.integers(0, limits[i // per_prompt] + 1)) for i in range(len(slots))]
 
-    live = [i for i, (a, t) in enumerate(zip(sisters_a, splits, strict=True)) if t < len(a.token_ids)]
-    continuations = backend.generate(
-        [Request(slots[i][0].token_ids + sisters_a[i].token_ids[:splits[i]], params.max_new_tokens - splits[i],
-                 request_seed(seed, slots[i][0].row["prompt_id"], slots[i][1], 2 * slots[i][2] + 1))
-         for i in live], params)
-    sisters_b: list[Completion] = list(sisters_a)
-    for i, cont in zip(live, continuations, strict=True):
-        sisters_b[i] = Completion(sisters_a[i].token_ids[:splits[i]] + cont.token_ids, cont.finish_reason)
+    def draw_splits(limits: list[int]) -> list[int]:
+        return [int(rng.integers(0, limits[i // per_prompt] + 1)) for i in range(len(slots))]
 
-    live_set, records = set(live), []
+    if cfg.max_split_tokens is not None and hasattr(backend, "generate_pairs"):
+        splits = draw_splits(split_limits([[]] * len(prompts), params.max_new_tokens, cfg))
+        sisters_a, sisters_b = backend.generate_pairs(
+            requests_a, [Request(r.prompt_ids, r.max_new_tokens, s) for r, s in zip(requests_a, seeds_b, strict=True)],
+            splits, params)
+    else:
+        sisters_a = backend.generate(requests_a, params)
+        lengths = [[len(c.token_ids) for c in sisters_a[i * per_prompt:(i + 1) * per_prompt]]
+                   for i in range(len(prompts))]
+        splits = draw_splits(split_limits(lengths, params.max_new_tokens, cfg))
+        live = [i for i, (a, t) in enumerate(zip(sisters_a, splits, strict=True)) if t < len(a.token_ids)]
+        continuations = backend.generate(
+            [Request(slots[i][0].token_ids + sisters_a[i].token_ids[:splits[i]], params.max_new_tokens - splits[i],
+                     seeds_b[i]) for i in live], params)
+        sisters_b = list(sisters_a)
+        for i, cont in zip(live, continuations, strict=True):
+            sisters_b[i] = Completion(sisters_a[i].token_ids[:splits[i]] + cont.token_ids, cont.finish_reason)
+
+    records = []
     for i, (prompt, group_id, k) in enumerate(slots):
-        for sister, completion in enumerate((sisters_a[i], sisters_b[i])):
+        degenerate = splits[i] >= len(sisters_a[i].token_ids)
+        for sister, completion in enumerate((sisters_a[i], sisters_a[i] if degenerate else sisters_b[i])):
             records.append({
                 "prompt": prompt, "group_id": group_id, "completion_id": 2 * k + sister, "pair_id": k,
-                "sister": sister, "split_token_idx": splits[i], "degenerate": i not in live_set,
+                "sister": sister, "split_token_idx": splits[i], "degenerate": degenerate,
                 "completion": completion,
             })
     return records

@@ -6,6 +6,10 @@ processor then leaves only that token for ``generate``'s argmax. So a completion
 request's seed, not on which other requests share its batch: reruns, resumes and any split of
 prompts across ranks reproduce it. (One number per row, not a vocabulary of Gumbel noise: the
 draw costs ~1% of a decode step.)
+
+Sister pairs (``generate_pairs``) decode side by side in one pass: sister B takes sister A's token
+for its first t steps, then draws from its own seed's stream from its first free step, so it is
+what a request for prompt + A[:t] with B's seed samples, without a second round of decoding.
 """
 
 from __future__ import annotations
@@ -27,12 +31,19 @@ def stop_token_ids(model: PreTrainedModel, tokenizer) -> set[int]:
 
 
 class PerRequestSampling(LogitsProcessor):
-    """Temperature, top-p, then an inverse-CDF draw per row: greedy decoding returns the draw."""
+    """Temperature, top-p, then an inverse-CDF draw per row: greedy decoding returns the draw.
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+    ``follows[row] = (source, t)``: the row repeats row ``source``'s token for its first t steps (a
+    sister B), drawing nothing from its own generator until then.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float,
+                 follows: Sequence[tuple[int, int] | None] | None = None):
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.temperature = temperature
         self.top_p = top_p
+        self.follows = list(follows) if follows is not None else [None] * len(seeds)
+        self.step = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() / self.temperature if self.temperature != 1.0 else scores.float().clone()
@@ -42,8 +53,14 @@ class PerRequestSampling(LogitsProcessor):
             outside = probs.cumsum(-1) - probs >= self.top_p
             scores.scatter_(-1, order, ordered.masked_fill(outside, float("-inf")))
         cdf = scores.softmax(-1).cumsum(-1)
-        uniform = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(cdf.device)
+        copying = [follow is not None and self.step < follow[1] for follow in self.follows]
+        uniform = torch.cat([torch.zeros(1) if copy else torch.rand(1, generator=g)
+                             for g, copy in zip(self.generators, copying, strict=True)]).to(cdf.device)
         choice = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1)).clamp(max=scores.size(-1) - 1)
+        for row, follow in enumerate(self.follows):
+            if copying[row]:
+                choice[row] = choice[follow[0]]
+        self.step += 1
         return scores.scatter_(-1, choice, float("inf"))  # the draw is now the argmax
 
 
@@ -70,7 +87,28 @@ class HFBackend:
                 results[index] = completion
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+    @torch.no_grad()
+    def generate_pairs(self, sisters_a: Sequence[Request], sisters_b: Sequence[Request], shared: Sequence[int],
+                       params: SamplingParams) -> tuple[list[Completion], list[Completion]]:
+        """Pair i's sister B (same prompt, its own seed) repeats A's first ``shared[i]`` tokens: one decode pass.
+
+        Each pair stays in one micro-batch of up to ``batch_size`` rows (at least one pair).
+        """
+        order = sorted(range(len(sisters_a)), key=lambda i: len(sisters_a[i].prompt_ids))
+        per_batch = max(self.batch_size // 2, 1)
+        out_a: list[Completion | None] = [None] * len(sisters_a)
+        out_b: list[Completion | None] = [None] * len(sisters_a)
+        for start in range(0, len(order), per_batch):
+            pairs = order[start:start + per_batch]
+            rows = [r for i in pairs for r in (sisters_a[i], sisters_b[i])]
+            follows = [follow for k, i in enumerate(pairs) for follow in (None, (2 * k, shared[i]))]
+            done = self._generate_batch(rows, params, follows)
+            for k, i in enumerate(pairs):
+                out_a[i], out_b[i] = done[2 * k], done[2 * k + 1]
+        return out_a, out_b  # type: ignore[return-value]
+
+    def _generate_batch(self, requests: list[Request], params: SamplingParams,
+                        follows: list[tuple[int, int] | None] | None = None) -> list[Completion]:
         width = max(len(r.prompt_ids) for r in requests)
         input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
@@ -80,7 +118,7 @@ class HFBackend:
         config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
                                   temperature=None, top_p=None, top_k=None, pad_token_id=self.pad_id,
                                   eos_token_id=sorted(self.stop_ids))
-        processors = ([PerRequestSampling([r.seed for r in requests], params.temperature, params.top_p)]
+        processors = ([PerRequestSampling([r.seed for r in requests], params.temperature, params.top_p, follows)]
                       if params.temperature > 0 else [])
         was_training = self.model.training
         self.model.eval()

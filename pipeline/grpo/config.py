@@ -15,6 +15,7 @@ from pipeline.grpo.softmask import SOFTMASKS
 
 NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
 SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SOURCES = ("offline", "online")
 
 
 @dataclass
@@ -76,6 +77,12 @@ class GRPOArgs:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: str | None = None  # comma-separated, or all-linear (default: peft's for the model)
+    importance: str = "offline"  # where f comes from: the stage-2 net (offline) or a head on the policy (online)
+    online_refit_every: int = 1
+    online_buffer_size: int = 1024
+    online_refit_iters: int = 25
+    online_lr: float = 1e-2
+    online_heldout_fraction: float = 0.2
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
@@ -93,7 +100,11 @@ def validate(args: GRPOArgs) -> None:
                         "of the same prompt")
     if args.softmask not in SOFTMASKS:
         raise UserError(f"unknown --softmask '{args.softmask}': choose one of {', '.join(SOFTMASKS)}")
-    if args.softmask in NEEDS_IMPORTANCE and not args.importance_net:
+    if args.importance not in IMPORTANCE_SOURCES:
+        raise UserError(f"--importance must be one of {', '.join(IMPORTANCE_SOURCES)}, got '{args.importance}'")
+    if args.importance == "online":
+        _validate_online(args)
+    elif args.softmask in NEEDS_IMPORTANCE and not args.importance_net:
         raise UserError(f"--softmask {args.softmask} needs --importance_net <stage-2 run>/export "
                         "(train one with train_importance_net.py)")
     if args.loss_type not in POLICY_LOSSES:
@@ -110,3 +121,16 @@ def validate(args: GRPOArgs) -> None:
     if args.use_peft and (args.lora_r < 1 or args.lora_alpha <= 0 or not 0 <= args.lora_dropout < 1):
         raise UserError("--use_peft needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1")
     check_precision(args.precision, args.use_peft)
+
+
+def _validate_online(args: GRPOArgs) -> None:
+    if args.softmask not in NEEDS_IMPORTANCE:
+        raise UserError(f"--importance online feeds the soft masks that read f ({', '.join(NEEDS_IMPORTANCE)}), "
+                        f"not --softmask {args.softmask}")
+    if args.group_size % 2:
+        raise UserError(f"--importance online draws each group as sister pairs: --group_size must be even "
+                        f"(got {args.group_size})")
+    if min(args.online_refit_every, args.online_refit_iters) < 1 or args.online_buffer_size < 2:
+        raise UserError("need --online_refit_every >= 1, --online_refit_iters >= 1 and --online_buffer_size >= 2")
+    if not args.online_lr > 0 or not 0 < args.online_heldout_fraction < 1:
+        raise UserError("need --online_lr > 0 and 0 < --online_heldout_fraction < 1")

@@ -47,12 +47,15 @@ class ChunkedHead:
     """Stands in for the LM head's ``forward`` during one call: hidden states in, (B, T) log-probs out."""
 
     def __init__(self, head_forward: Callable[[Tensor], Tensor], targets: Tensor, temperature: float,
-                 chunk_size: int, with_entropy: bool):
+                 chunk_size: int, with_entropy: bool, with_states: bool = False):
         self.head_forward, self.targets, self.temperature = head_forward, targets, temperature
-        self.chunk_size, self.with_entropy = chunk_size, with_entropy
+        self.chunk_size, self.with_entropy, self.with_states = chunk_size, with_entropy, with_states
         self.entropies: Tensor | None = None
+        self.states: Tensor | None = None
 
     def __call__(self, hidden: Tensor) -> Tensor:
+        if self.with_states:
+            self.states = hidden.detach()
         hidden = hidden[:, :-1]  # the last position predicts past the completion
         batch, length = self.targets.shape
         rows, targets = hidden.reshape(batch * length, -1), self.targets.reshape(-1)
@@ -102,9 +105,25 @@ def completion_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mas
     with the distribution the completions were drawn from. ``chunk_size`` <= 0: all positions in
     one block, without recomputation (the old, memory-hungry way; the benchmark's baseline).
     """
+    logps, entropies, _ = completion_outputs(model, input_ids, attention_mask, completion_len, temperature,
+                                             with_entropy, chunk_size)
+    return logps, entropies
+
+
+def completion_outputs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_len: int,
+                       temperature: float = 1.0, with_entropy: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                       with_states: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``completion_logprobs``, plus (``with_states``) the hidden states that the LM head read, detached.
+
+    States (B, T + 1, H): entry t is the last hidden state at the last token of prompt + completion[:t],
+    where the importance net reads f(t) (docs/importance.md). They come out of the same forward, so an
+    online importance head costs no second model and no extra pass; detached, its fit never reaches
+    the policy.
+    """
     head = output_head(model)
-    chunked = ChunkedHead(head.forward, input_ids[:, -completion_len:], temperature, chunk_size, with_entropy)
+    chunked = ChunkedHead(head.forward, input_ids[:, -completion_len:], temperature, chunk_size, with_entropy,
+                          with_states)
     with _head_replaced(head, chunked):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask),
                     logits_to_keep=completion_len + 1, use_cache=False)
-    return out.logits, chunked.entropies
+    return out.logits, chunked.entropies, chunked.states

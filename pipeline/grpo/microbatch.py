@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE, completion_logprobs
+from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE, completion_logprobs, completion_outputs
 from pipeline.grpo.losses import (
     POLICY_LOSSES,
     compute_policy_loss,
@@ -111,6 +111,7 @@ def score(model: torch.nn.Module, batch: PolicyBatch, size: int | None, temperat
 def accumulate(fabric: Any, model: torch.nn.Module, batch: PolicyBatch, loss_type: str, loss_options: dict[str, Any],
                size: int | None, temperature: float, *, with_entropy: bool = False,
                weights_from_entropies: Callable[[Tensor], Tensor] | None = None,
+               weights_from_states: Callable[[Tensor, slice], Tensor] | None = None,
                chunk_size: int = DEFAULT_CHUNK_SIZE) -> StepResult:
     """Forward and backward over ``batch`` in micro-batches; the caller clips and steps the optimizer.
 
@@ -118,6 +119,8 @@ def accumulate(fabric: Any, model: torch.nn.Module, batch: PolicyBatch, loss_typ
     ``weights_from_entropies``: soft-mask weights that need the policy's entropies of the whole
     batch (the entropy mask). With one micro-batch they come from its own forward; with several, a
     no-grad pass over the batch computes the entropies first (one extra forward).
+    ``weights_from_states``: per-completion weights of a micro-batch from the hidden states its own
+    forward read (detached, ``completion_outputs``) and its rows of the batch (the online importance head).
     """
     slices = micro_batches(len(batch), size)
     entropies = None
@@ -128,14 +131,18 @@ def accumulate(fabric: Any, model: torch.nn.Module, batch: PolicyBatch, loss_typ
     mask = batch.completion_mask
     loss = torch.zeros((), device=mask.device)
     metrics: dict[str, Tensor] = {}
-    parts = []
+    parts, part_weights = [], []
     for i, rows in enumerate(slices):
         part = batch.rows(rows)
         with fabric.no_backward_sync(model, enabled=i < len(slices) - 1):
-            logps, part_entropies = completion_logprobs(model, part.input_ids, part.attention_mask,
-                                                        batch.completion_len, temperature, need_entropy, chunk_size)
+            logps, part_entropies, states = completion_outputs(
+                model, part.input_ids, part.attention_mask, batch.completion_len, temperature, need_entropy,
+                chunk_size, with_states=weights_from_states is not None)
             if weights_from_entropies is not None and len(slices) == 1:
                 batch = part = replace(part, weights=weights_from_entropies(part_entropies))
+            if weights_from_states is not None:
+                part = replace(part, weights=weights_from_states(states, rows))
+                part_weights.append(part.weights)
             part_loss, part_metrics = compute_policy_loss(
                 loss_type, logps, part.old_logps, part.advantages, part.completion_mask, part.weights,
                 ref_logps=part.ref_logps, **loss_options)
@@ -148,4 +155,4 @@ def accumulate(fabric: Any, model: torch.nn.Module, batch: PolicyBatch, loss_typ
         parts.append(part_entropies)
     if need_entropy:
         entropies = torch.cat(parts)
-    return StepResult(loss, metrics, entropies, batch.weights)
+    return StepResult(loss, metrics, entropies, torch.cat(part_weights) if part_weights else batch.weights)

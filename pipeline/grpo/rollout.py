@@ -53,15 +53,20 @@ def collect(backend: GenerationBackend, tokenizer, rows: Sequence[Mapping[str, A
     """Sample ``group_size`` completions for each prompt and score them (rows expanded G times)."""
     requests = [Request(ids, params.max_new_tokens, request_seed(seed, row["prompt_id"], step, g))
                 for row, (_, ids) in zip(rows, prompts, strict=True) for g in range(group_size)]
-    completions = backend.generate(requests, params)
+    return experience(tokenizer, rows, prompts, group_size, backend.generate(requests, params), weights)
+
+
+def experience(tokenizer, rows: Sequence[Mapping[str, Any]], prompts: Sequence[tuple[str, list[int]]],
+               group_size: int, completions: Sequence[Completion], weights: Mapping[str, float]) -> Experience:
+    """Score ``group_size`` completions per prompt (each prompt's next to each other) and pad them."""
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     expanded = [row for row in rows for _ in range(group_size)]
     columns = {key: [row.get(key) for row in expanded] for key in expanded[0]}
     batch = score(weights, [text for text, _ in prompts for _ in range(group_size)], texts, columns)
-    prompt_ids = [r.prompt_ids for r in requests]
+    prompt_ids = [list(ids) for _, ids in prompts for _ in range(group_size)]
     input_ids, attention, completion_mask = pad_batch(prompt_ids, [c.token_ids for c in completions],
                                                       tokenizer.pad_token_id)
     truncated = torch.tensor([c.finish_reason == "length" for c in completions])
     rewards = np.nansum([w * batch.per_function[n] for n, w in weights.items()], axis=0)
-    return Experience(prompt_ids, completions, texts, rewards, batch.per_function, batch.failures, input_ids,
+    return Experience(prompt_ids, list(completions), texts, rewards, batch.per_function, batch.failures, input_ids,
                       attention, completion_mask, truncated)

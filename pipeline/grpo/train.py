@@ -28,12 +28,14 @@ from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
 from pipeline.generation.select import make_backend, resolve_backend
 from pipeline.generation.vllm import VLLMOptions
+from pipeline.grpo import online_importance
 from pipeline.grpo.advantages import group_advantages, zero_std_fraction
 from pipeline.grpo.config import NEEDS_IMPORTANCE, GRPOArgs, validate
 from pipeline.grpo.evaluation import evaluate
 from pipeline.grpo.importance_guard import check_importance_gain
 from pipeline.grpo.losses import mask_truncated_completions
 from pipeline.grpo.microbatch import PolicyBatch, accumulate, score
+from pipeline.grpo.paired_rollout import collect_pairs
 from pipeline.grpo.policy import (
     build_policy,
     build_reference,
@@ -69,7 +71,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _load_importance(args: GRPOArgs, tokenizer):
-    if args.softmask not in NEEDS_IMPORTANCE:
+    if args.softmask not in NEEDS_IMPORTANCE or args.importance == "online":
         return None
     from pipeline import importance
     from pipeline.dump import tokenizer_fingerprint
@@ -100,7 +102,8 @@ class Trainer:
 
     def __init__(self, args: GRPOArgs):
         validate(args)
-        self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
+        self.importance_check = (check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
+                                 if args.importance == "offline" else None)  # online: judged during the run
         args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
         self.args = args
         self.fabric = L.Fabric(accelerator="auto", devices=_devices(args.devices), num_nodes=args.num_nodes,
@@ -133,6 +136,10 @@ class Trainer:
             self.reference = self.fabric.to_device(self.reference)
         if self.importance is not None:
             self.importance.to(self.fabric.device)
+        self.online: online_importance.OnlineImportance | None = None
+        if args.importance == "online":
+            self.online = online_importance.from_args(args, self.policy.config.hidden_size, self.tokenizer,
+                                                      self.fabric.device)
         args.backend = resolve_backend(args.backend)  # the metadata records which one ran
         self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.policy,
                                     batch_size=args.batch_size, seed=args.seed,
@@ -147,9 +154,12 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        return {"policy": checkpoint_entry(self.model, self.args.use_peft), "optimizer": self.optimizer, "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(), "rng": _rng_state(), "step": self.step,
-                "args": asdict(self.args)}
+        state = {"policy": checkpoint_entry(self.model, self.args.use_peft), "optimizer": self.optimizer,
+                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "rng": _rng_state(),
+                 "step": self.step, "args": asdict(self.args)}
+        if self.online is not None:
+            state["online"] = self.online  # the head, its optimizer, the pair buffer, the fallback switch
+        return state
 
     def save(self) -> Path:
         folder = self.run_dir / "checkpoints"
@@ -210,8 +220,10 @@ class Trainer:
         args, fabric = self.args, self.fabric
         mine = self._my_share(indices)
         t0 = time.perf_counter()
-        exp = collect(self.backend, self.tokenizer, [self.rows[i] for i in mine], [self.prompts[i] for i in mine],
-                      args.group_size, self.params, args.rewards, args.seed, self.step)
+        sampling = (self.backend, self.tokenizer, [self.rows[i] for i in mine], [self.prompts[i] for i in mine],
+                    args.group_size, self.params, args.rewards, args.seed, self.step)
+        exp, pairing = (collect(*sampling), None) if self.online is None else collect_pairs(
+            *sampling, self.online.split_limit(args.max_new_tokens))
         t_gen = time.perf_counter() - t0
         all_rewards = self._gather_rewards(exp.rewards)
         rank = fabric.global_rank
@@ -236,7 +248,11 @@ class Trainer:
         def entropy_mask(entropies: torch.Tensor) -> torch.Tensor:
             return self._weights(exp, mask, entropies)
 
-        if args.softmask != "entropy":
+        online_hook = None
+        if self.online is not None:
+            online_hook = self.online.weights_hook(args.softmask, args.softmask_strength, mask,
+                                                   exp.completion_mask.sum(1).long().to(fabric.device), pairing)
+        elif args.softmask != "entropy":
             batch.weights = self._weights(exp, mask, None)
         log_entropy = args.entropy_every > 0 and (self.step + 1) % args.entropy_every == 0
         loss_options = {"beta": args.beta, "epsilon_low": args.epsilon, "epsilon_high": args.epsilon_high,
@@ -244,7 +260,10 @@ class Trainer:
         for _ in range(args.num_iterations):
             result = accumulate(fabric, self.model, batch, args.loss_type, loss_options, size, args.temperature,
                                 with_entropy=log_entropy, chunk_size=chunk,
-                                weights_from_entropies=entropy_mask if args.softmask == "entropy" else None)
+                                weights_from_entropies=entropy_mask if args.softmask == "entropy" else None,
+                                weights_from_states=online_hook)
+            if online_hook is not None:  # later iterations keep the first forward's weights
+                batch.weights, online_hook = result.weights, None
             grad_norm = fabric.clip_gradients(self.model, self.optimizer, max_norm=args.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -253,6 +272,9 @@ class Trainer:
         self.backend.sync_weights(self.policy)
         logged = {"loss": result.loss, **result.metrics}  # global values: this rank's shard averaged over ranks
         logged = {k: float(fabric.all_reduce(v, reduce_op="mean")) for k, v in logged.items()}
+        online_metrics = {} if self.online is None else self.online.end_step(
+            self.step + 1, [self.rows[i]["prompt_id"] for i in mine for _ in range(args.group_size)], exp.rewards,
+            pairing, mask, None if fabric.world_size == 1 else lambda t: fabric.all_gather(t).flatten(0, 1))
         per_prompt = np.nanmean(all_rewards.reshape(-1, args.group_size), axis=1)
         self.sampler.update(list(indices), per_prompt.tolist())
         sampler_sha = self._check_sampler_agreement()
@@ -271,7 +293,7 @@ class Trainer:
             **{f"reward_mean/level_{lv}": float(all_rewards[levels == lv].mean()) for lv in sorted(set(levels))},
             **{f"reward/{name}": float(np.nanmean(v)) for name, v in exp.per_function.items()},
             **logged,
-            **{f"weights/{k}": v for k, v in weight_stats(weights, mask).items()},
+            **{f"weights/{k}": v for k, v in weight_stats(weights, mask).items()}, **online_metrics,
             **{f"sampler/{k}": float(v) for k, v in self.sampler.probabilities().items()},
         }
         samples = [{"step": self.step + 1, "prompt_id": self.rows[mine[i // args.group_size]]["prompt_id"],
