@@ -12,7 +12,8 @@ completions are chat messages for a dataset whose ``prompt`` is chat messages, t
 
 Add a reward by writing a function and adding it to ``REWARDS``; stage 1 dumps it as
 ``reward_<name>`` with group statistics, stage 3 trains on it. The built-in functions below read
-text: ``REWARDS`` wraps them with ``plain_text`` so that chat messages reach them as text.
+text: ``REWARDS`` wraps them with ``plain_text`` so that chat messages reach them as text;
+``solution_accuracy`` is written as for TRL and registered as it is.
 
 Rows are routed by their ``task_name``, so one batch may mix tasks: ``correct`` picks the task's
 checker, and a task-specific reward scores 0 on another task's rows.
@@ -133,6 +134,14 @@ def hybrid(prompts, completions, **columns) -> list[float]:
     return active_hybrid()(verified, prompts, completions, columns.get("question"))
 
 
+def solution_accuracy(completions, solution, **kwargs) -> list[float | None]:
+    """Written as for TRL's GRPOTrainer, on chat completions and a ``solution`` column: 1.0 when the
+    final answer (tagged or not) equals the solution under math-verify, None where a row has none."""
+    contents = [completion[0]["content"] for completion in completions]
+    return [None if sol is None else _math_correct(content, {"answer": sol})
+            for content, sol in zip(contents, solution, strict=True)]
+
+
 def plain_text(fn: Callable[..., list[float]]) -> Callable[..., list[float]]:
     """``fn`` called with text prompts and completions (chat messages as their text) and the dataset
     columns only: what the built-in rewards read."""
@@ -155,4 +164,4 @@ REWARDS = {name: plain_text(fn) for name, fn in {
     "hybrid": hybrid,
     "tests_passed": tests_passed,
     "code_format": code_format,
-}.items()}
+}.items()} | {"solution_accuracy": solution_accuracy}

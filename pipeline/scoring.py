@@ -111,7 +111,8 @@ def _parameters(fn: RewardFn) -> tuple[set[str] | None, list[str]]:
     return (None if any(p.kind is p.VAR_KEYWORD for p in params) else named), required
 
 
-def check_reward_arguments(weights: Iterable[str], columns: Iterable[str]) -> None:
+def check_reward_arguments(weights: Iterable[str], columns: Iterable[str],
+                           fix: str = "add them or choose other --rewards") -> None:
     """Refuse, before any work, a reward function that requires a column the dataset lacks."""
     columns = [c for c in columns if c not in NOT_COLUMNS]
     available = {"prompts", "completions", "completion_ids", *CONTEXT, *columns}
@@ -120,7 +121,7 @@ def check_reward_arguments(weights: Iterable[str], columns: Iterable[str]) -> No
         missing = [arg for arg in _parameters(registry[name])[1] if arg not in available]
         if missing:
             raise UserError(f"reward '{name}' needs column(s) {', '.join(missing)}, which the dataset lacks "
-                            f"(it has {', '.join(columns)}): add them or choose other --rewards")
+                            f"(it has {', '.join(columns)}): {fix}")
 
 
 async def _call(fn: RewardFn, kwargs: Mapping[str, Any]) -> np.ndarray:

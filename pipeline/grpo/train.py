@@ -104,7 +104,9 @@ class Trainer:
         self.rows = build_rows(args.task_name, args.num_train_prompts, args.levels)
         eval_levels = list(args.levels) if is_user_dataset(args.task_name) else sorted({*args.levels, HELDOUT_LEVEL})
         self.eval_rows = build_rows(args.task_name, args.eval_prompts * len(eval_levels), eval_levels, split="eval")
-        check_reward_arguments({**args.rewards, "correct": 1.0}, self.rows[0])  # the evaluation uses correct
+        check_reward_arguments(args.rewards, self.rows[0])
+        check_reward_arguments(["correct"], self.rows[0], fix="the evaluation checks answers with it: add an "
+                               "`answer` or `solution` column")
         self.prompts = [render_prompt(self.tokenizer, row) for row in self.rows]
         self.eval_prompts = [render_prompt(self.tokenizer, row) for row in self.eval_rows]
         try:
