@@ -8,7 +8,6 @@ import numpy as np
 
 from pipeline.generation.base import Completion, Request, SamplingParams
 
-
 STOP = 2
 
 
