@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.artifacts import ensure_writable_dir, now_iso, provenance, write_json
-from pipeline.dump import read_metadata, tokenizer_fingerprint
+from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
 from pipeline.importance.data import PairDataModule, Pairs
 from pipeline.importance.export import load, save_export
@@ -231,6 +231,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     if patience < 0:
         raise UserError(f"--patience must be >= 0 (0: no early stopping), got {patience}")
     meta = read_metadata(rollouts)
+    log.info("rollouts '%s': %s", rollouts, schema_version(rollouts, meta))
     backbone = backbone or meta.get("model_name")
     if not backbone:
         raise UserError(f"rollouts '{rollouts}' record no model_name: pass --backbone")
