@@ -1,4 +1,4 @@
-"""Stage 2: fit the importance network on a paired-rollout dump (DESIGN.md sections 1 and 5).
+"""Stage 2: fit the importance network on a paired-rollout dump (docs/importance.md, maths in docs/design.md).
 
     python train_importance_net.py --rollouts rollout_dump/<task>/<model>/rollouts_<tag> [--backbone M] [...]
 """
@@ -9,8 +9,10 @@ import click
 
 from pipeline.cli import config_option, option, run_stage, stage_command
 from pipeline.importance.data import GROUP_STATS
+from pipeline.importance.forms import FORMS
+from pipeline.importance.loss import LIKELIHOODS, UNITS
 from pipeline.importance.model import BACKBONE_MODES
-from pipeline.importance.train import PRECISIONS, run
+from pipeline.importance.train import F_ENDS, PRECISIONS, run
 
 
 @stage_command()
@@ -22,15 +24,25 @@ from pipeline.importance.train import PRECISIONS, run
 @option("group_stats", type=click.Choice(GROUP_STATS), default="prompt",
         help="m_q, v_q pooled over every completion of the prompt in the dump, or from the pair's own group "
              "(biased for small groups: docs/importance.md).")
+@option("likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default="auto",
+        help="Pair loss: auto = bernoulli for a 0/1 reward column, else gaussian (docs/importance.md).")
+@option("f_form", type=click.Choice(FORMS), default="monotone",
+        help="monotone: f = 1 - prod(1 - hazard) never falls; direct: f = sigmoid(head) at each position.")
+@option("f_end", type=click.Choice(F_ENDS), default="pinned",
+        help="pinned: f(len) = 1 (reward a function of the text); learnt: from the head (noisy rewards).")
+@option("position_features", type=bool, default=True,
+        help="Give the head a basis of the position in the completion (true/false).")
 @option("backbone_mode", type=click.Choice(BACKBONE_MODES), default="frozen", help="What of the backbone trains.")
 @option("last_k", type=int, default=1, help="Trainable last layers (--backbone_mode last_k).")
 @option("lora_r", type=int, default=8, help="LoRA rank (--backbone_mode lora).")
 @option("lora_alpha", type=int, default=16, help="LoRA alpha (--backbone_mode lora).")
 @option("head_hidden", type=int, default=0, help="Hidden width of the head; 0 = linear head.")
 @option("val_fraction", type=float, default=0.1, help="Share of prompts held out for validation.")
-@option("max_epochs", type=int, default=10)
+@option("max_epochs", type=int, default=20)
+@option("patience", type=int, default=3, help="Stop after this many epochs without a better val loss; 0 = never.")
 @option("batch_size", type=int, default=32, help="Pairs per batch.")
 @option("lr", type=float, default=1e-2, help="Learning rate of the head.")
+@option("weight_decay", type=float, default=0.01, help="AdamW weight decay of the head's (and trained body's) weights.")
 @option("backbone_lr", type=float, default=1e-4, help="Learning rate of trainable backbone weights.")
 @option("precision", type=click.Choice(PRECISIONS), default="32-true")
 @option("devices", default="1", help="Lightning devices: a count, 'auto', or ids like 0,1.")
@@ -45,9 +57,12 @@ from pipeline.importance.train import PRECISIONS, run
 def main(**kwargs) -> None:
     """Train f_theta(t) = Corr(R1, R2 | shared prefix of t tokens) by maximum likelihood on paired rollouts."""
     summary = run(**kwargs)
+    lo, hi = summary["gain_ci95"]
     click.echo(f"wrote {summary['run_dir']} (export: {summary['export']})")
-    click.echo(f"val NLL {summary['nll']:.4f} vs {summary['baseline_nll']:.4f} for the best constant "
-               f"f = {summary['baseline_f']:.3f}: gain {summary['gain']:+.4f} nats/pair over {summary['pairs']} pairs")
+    click.echo(f"val {summary['likelihood']} loss {summary['loss']:.4f} vs {summary['baseline_loss']:.4f} for the best "
+               f"constant f = {summary['baseline_f']:.3f}: gain {summary['gain']:+.4f} {UNITS[summary['likelihood']]} "
+               f"(95% CI {lo:+.4f}, {hi:+.4f} over {summary['prompts']} prompts, {summary['pairs']} pairs; "
+               f"kept {summary['chosen']})")
 
 
 if __name__ == "__main__":

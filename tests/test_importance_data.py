@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.importance.data import PairDataModule, collate, load_pairs, reward_column, split_by_prompt
+from pipeline.importance.data import PairDataModule, PairDataset, collate, load_pairs, reward_column, split_by_prompt
+from pipeline.importance.sampling import ShardSampler
 from pipeline.importance.train import default_run_dir
 from pipeline.models import load_tokenizer
 from tests.synthetic_dump import LENGTH, write_synthetic_dump
@@ -61,12 +62,13 @@ def test_pairs_input_is_prompt_plus_shared_prefix(dump):
     b = rows[(rows.group_id == pairs.group_id[i]) & (rows.sister == 1)]
     b = b[[np.array_equal(c[: pairs.split[i]], pairs.completion[i][: pairs.split[i]]) for c in b.completion_token_ids]]
     assert len(b) >= 1
-    batch = collate([{"input_ids": np.concatenate([pairs.prompt[j], pairs.completion[j][: pairs.split[j]]]),
-                      "z1": 0.0, "z2": 0.0, "relative": 0.0, "index": j} for j in (i, i + 1)])
-    lengths = [len(pairs.prompt[j]) + pairs.split[j] for j in (i, i + 1)]
-    assert batch["last"].tolist() == [n - 1 for n in lengths]
-    assert batch["attention_mask"].sum(1).tolist() == lengths
-    assert batch["input_ids"][0, : lengths[0]].tolist() == [*pairs.prompt[i], *pairs.completion[i][: pairs.split[i]]]
+    dataset = PairDataset(pairs)
+    batch = collate([dataset[j] for j in (i, i + 1)])
+    assert [len(p) for p in batch["prefix"]] == batch["split"].tolist() == [pairs.split[i], pairs.split[i + 1]]
+    assert batch["prompt"][0].tolist() == pairs.prompt[i].tolist()
+    assert batch["prefix"][0].tolist() == pairs.completion[i][: pairs.split[i]].tolist()
+    assert batch["p"][0].item() == pytest.approx(pairs.mean[i])
+    assert batch["r1"][0].item() == pytest.approx(pairs.r1[i]) and batch["z2"][1].item() == pytest.approx(pairs.z2[i + 1])
 
 
 def test_split_is_by_prompt_and_reproducible(dump):
@@ -82,7 +84,7 @@ def test_datamodule_batches(dump):
     dm = PairDataModule(dump, batch_size=5, val_fraction=0.3)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 5 and batch["z1"].dtype.is_floating_point
+    assert len(batch["prompt"]) == 5 and batch["z1"].dtype.is_floating_point
     assert ((batch["relative"] >= 0) & (batch["relative"] < 1)).all()
     assert dm.counts["pairs_train"] + dm.counts["pairs_val"] == dm.counts["pairs_kept"]
 
@@ -119,3 +121,22 @@ def test_default_run_dir_sits_beside_the_dump(tmp_path):
     assert default_run_dir(model_dir / "rollouts_a" / "part-00000.parquet", "run", None) == expected
     assert default_run_dir(model_dir / "rollouts_b.parquet", "run", None) == expected
     assert default_run_dir(model_dir / "rollouts_a", "run", tmp_path / "elsewhere") == tmp_path / "elsewhere" / "run"
+
+
+@pytest.mark.parametrize("size", [10, 11])
+def test_shards_are_fixed_disjoint_and_cover_every_pair(size):
+    """Each pair belongs to one rank for the whole run (its frozen features are computed once); training
+    shards are equally long, validation shards hold every pair exactly once."""
+    train = [ShardSampler(size, rank, 2, seed=3, shuffle=True) for rank in range(2)]
+    epochs = []
+    for epoch in range(3):
+        for sampler in train:
+            sampler.set_epoch(epoch)
+        epochs.append([list(sampler) for sampler in train])
+    for shards in epochs:
+        assert len(shards[0]) == len(shards[1]) == -(-size // 2)
+        assert set(shards[0]).isdisjoint(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(size))
+        assert [set(s) for s in shards] == [set(s) for s in epochs[0]]  # the same pairs every epoch
+    assert epochs[0][0] != epochs[1][0]  # in a new order
+    val = [list(ShardSampler(size, rank, 2, shuffle=False)) for rank in range(2)]
+    assert sorted(val[0] + val[1]) == list(range(size))

@@ -13,7 +13,7 @@ import torch
 from pipeline.dump import tokenizer_fingerprint
 from pipeline.errors import UserError
 from pipeline.importance import ImportanceScorer, load
-from pipeline.importance.export import CONFIG_FILE, save_export
+from pipeline.importance.export import CONFIG_FILE, FORMAT_VERSION, save_export
 from pipeline.importance.loss import F_MAX
 from pipeline.importance.model import ImportanceNet, NetConfig
 from pipeline.importance.report import Example, token_pieces, write_report
@@ -35,7 +35,9 @@ def _net(model_dir, mode: str = "frozen", seed: int = 0, **kwargs) -> Importance
 
 def _info(model_dir) -> dict:
     return {"tokenizer": tokenizer_fingerprint(load_tokenizer(str(model_dir))), "reward_key": "reward",
-            "group_stats": "prompt", "baseline_f": 0.3}
+            "group_stats": "prompt", "likelihood": "gaussian", "baseline_f": 0.3,
+            "validation": {"likelihood": "gaussian", "gain": 0.1, "gain_ci95": [0.05, 0.15], "pairs": 10,
+                           "prompts": 3}}
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +45,63 @@ def scorer(tiny_model_dir):
     return ImportanceScorer(_net(tiny_model_dir, head_hidden=8), _info(tiny_model_dir))
 
 
-def test_f_t_is_read_at_the_last_token_of_prompt_plus_prefix(scorer):
-    """One forward over prompt + completion equals a separate forward on each truncated input."""
+def _plain_f(net: ImportanceNet, prompt: list[int], completion: list[int], t: int) -> float:
+    """f(t) from a separate plain forward of prompt + completion[:t] (no cache, no batching)."""
+    ids = torch.tensor([prompt + completion[:t]])
+    hidden = net.body(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, len(prompt):]
+    u = torch.arange(1, t + 1).unsqueeze(0)
+    return float(net.inner_f(hidden, u)[0, -1].detach())
+
+
+@pytest.mark.parametrize("form", ["direct", "monotone"])
+def test_f_t_is_read_at_the_last_token_of_prompt_plus_prefix(tiny_model_dir, form):
+    """Scoring the whole completion equals a separate forward on each truncated input; the ends are pinned."""
+    scorer = ImportanceScorer(_net(tiny_model_dir, form=form), _info(tiny_model_dir))
     prompt, completion = PROMPTS[0], COMPLETIONS[0]
     f = scorer.score(prompt, completion)
     assert f.shape == (len(completion) + 1,)
-    for t in range(len(completion) + 1):
-        ids = torch.tensor([prompt + completion[:t]])
-        direct = scorer.net(ids, torch.ones_like(ids), torch.tensor([[ids.shape[1] - 1]]))
-        assert f[t].item() == pytest.approx(direct.item(), abs=1e-5)
-    assert ((f >= 0) & (f <= F_MAX)).all() and f.std() > 1e-3  # the random head gives varying f
+    assert f[0].item() == 0.0 and f[-1].item() == 1.0
+    for t in range(1, len(completion)):
+        assert f[t].item() == pytest.approx(_plain_f(scorer.net, prompt, completion, t), abs=1e-5)
+    inner = f[1:-1]
+    assert ((inner >= 0) & (inner <= F_MAX)).all() and inner.std() > 1e-3  # the random head gives varying f
+    if form == "monotone":
+        assert (f[1:] >= f[:-1]).all()
+
+
+def test_increments_sum_to_one_per_completion(scorer):
+    """The anchored ends: delta's weights f(t+1) - f(t) distribute all of each completion's reward variance."""
+    padded = scorer.score_padded(PROMPTS, COMPLETIONS, width=9)
+    increments = padded[:, 1:] - padded[:, :-1]
+    for row, completion in enumerate(COMPLETIONS):
+        if completion:  # an empty completion has no token to give weight to: f = 0 throughout
+            assert increments[row].sum().item() == pytest.approx(1.0, abs=1e-6)
+            assert padded[row, len(completion)].item() == 1.0
+    assert padded[:, 0].eq(0).all()
+
+
+def test_learnt_end_is_read_from_the_head(tiny_model_dir):
+    scorer = ImportanceScorer(_net(tiny_model_dir, pin_end=False), _info(tiny_model_dir))
+    f = scorer.score(PROMPTS[0], COMPLETIONS[0])
+    assert f[0].item() == 0.0 and 0 < f[-1].item() < F_MAX
+    assert f[-1].item() == pytest.approx(_plain_f(scorer.net, PROMPTS[0], COMPLETIONS[0], len(COMPLETIONS[0])), abs=1e-5)
+
+
+def test_a_group_scored_with_its_prompt_once_equals_row_by_row(scorer):
+    """Stage 3's call: each prompt repeated for its G completions; the shared-prompt KV cache changes no f."""
+    rng = torch.Generator().manual_seed(0)
+    prompts, completions = [], []
+    for prompt in PROMPTS:
+        for g in range(4):
+            prompts.append(prompt)
+            completions.append(torch.randint(60, 90, (int(torch.randint(0, 9, (1,), generator=rng)),),
+                                             generator=rng).tolist())
+    batched = scorer.score_padded(prompts, completions, batch_size=16)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        alone = scorer.score(prompt, completion)
+        torch.testing.assert_close(batched[row, : len(completion) + 1], alone, atol=1e-5, rtol=0)
+        for t in range(1, len(completion)):
+            assert alone[t].item() == pytest.approx(_plain_f(scorer.net, prompt, completion, t), abs=1e-5)
 
 
 def test_batched_scores_match_one_at_a_time(scorer):
@@ -66,7 +115,8 @@ def test_batched_scores_match_one_at_a_time(scorer):
 def test_score_padded_repeats_the_last_value(scorer):
     padded = scorer.score_padded(PROMPTS, COMPLETIONS, width=9)
     assert padded.shape == (3, 10)
-    assert (padded[1] == padded[1, 0]).all()  # empty completion: f(0) everywhere, so every delta is 0
+    assert (padded[1] == 0).all()  # empty completion: f(0) everywhere, so every delta is 0
+    assert (padded[0, len(COMPLETIONS[0]):] == 1).all()  # past the end f stays at f(len)
     torch.testing.assert_close(padded[0, :5], scorer.score(PROMPTS[0], COMPLETIONS[0]))
     with pytest.raises(ValueError, match="longer than width"):
         scorer.score_padded(PROMPTS, COMPLETIONS, width=3)
@@ -80,11 +130,20 @@ def test_export_round_trip(tiny_model_dir, tmp_path, mode, extra):
     loaded = load(path)
     assert loaded.tokenizer_fingerprint == _info(tiny_model_dir)["tokenizer"]
     assert (loaded.reward_key, loaded.group_stats, loaded.backbone) == ("reward", "prompt", str(tiny_model_dir))
+    assert loaded.validation == _info(tiny_model_dir)["validation"]
     for a, b in zip(before, loaded.score(PROMPTS, COMPLETIONS), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     if mode == "frozen":
         assert json.loads((path / CONFIG_FILE).read_text())["net"]["backbone_mode"] == "frozen"
         assert sorted(net.trainable_state_dict()) == ["head.bias", "head.weight"]
+
+
+def test_a_constant_export_scores_the_constant_inside_pinned_ends(tiny_model_dir, tmp_path):
+    """What stage 2 exports when no trained epoch beat the constant on validation."""
+    net = _net(tiny_model_dir)
+    net.config.constant = 0.3
+    f = load(save_export(net, tmp_path / "export", **_info(tiny_model_dir))).score(PROMPTS[0], COMPLETIONS[0])
+    assert f.tolist() == pytest.approx([0.0, 0.3, 0.3, 0.3, 1.0])
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch + transformers + lightning: ~10-30 s
@@ -107,6 +166,10 @@ def test_load_refuses_what_is_not_a_matching_export(tiny_model_dir, tmp_path):
     config["tokenizer"]["vocab_sha256"] = "0" * 16
     (path / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(UserError, match="backbone changed since training"):
+        load(path)
+    config["format"] = FORMAT_VERSION - 1
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(UserError, match="has export format 1, this code reads 2"):
         load(path)
 
 

@@ -1,4 +1,4 @@
-"""The pair NLL against scipy's bivariate normal, its stability near f = 1, the constant baseline, the metrics."""
+"""The likelihoods (Gaussian against scipy, Bernoulli as a distribution), the constant baseline, the metrics."""
 
 import math
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from pipeline.importance.loss import F_MAX, best_constant_f, pair_nll
-from pipeline.importance.metrics import N_BINS, ValidationStats
+from pipeline.errors import UserError
+from pipeline.importance.loss import F_MAX, LIKELIHOODS, best_constant_f, is_binary, pair_nll, resolve_likelihood
+from pipeline.importance.metrics import N_BINS, ValidationStats, bootstrap_gain_ci
 
 
 def test_pair_nll_is_the_bivariate_normal_log_density():
@@ -47,11 +48,15 @@ def test_pair_nll_is_finite_with_finite_gradients_at_and_beyond_f_max():
     assert loss[3].item() - loss[2].item() == pytest.approx(100 / (4 * (1 - F_MAX)) - 25 / (1 + F_MAX), rel=1e-3)
 
 
+def _z(z: np.ndarray) -> dict[str, torch.Tensor]:
+    return {"z1": torch.tensor(z[:, 0]), "z2": torch.tensor(z[:, 1])}
+
+
 @pytest.mark.parametrize("true_f", [-0.3, 0.0, 0.3, 0.7, 0.999])
 def test_best_constant_f_is_the_grid_minimum(true_f):
     rng = np.random.default_rng(2)
     z = rng.multivariate_normal([0, 0], [[1, true_f], [true_f, 1]], size=4000)
-    got = best_constant_f(z[:, 0], z[:, 1])
+    got = best_constant_f("gaussian", _z(z))
     grid = torch.linspace(0, F_MAX, 2001, dtype=torch.float64)
     losses = pair_nll(grid[:, None], torch.tensor(z[:, 0]), torch.tensor(z[:, 1])).mean(1)
     assert got == pytest.approx(float(grid[losses.argmin()]), abs=float(grid[1]) + 1e-9)
@@ -60,21 +65,69 @@ def test_best_constant_f_is_the_grid_minimum(true_f):
     assert got == pytest.approx(max(true_f, 0.0), abs=0.05)  # negative correlations floor at 0
 
 
+def test_moment_constant_is_the_clipped_mean_of_z1_z2():
+    z = np.random.default_rng(3).normal(size=(500, 2)) + 0.5
+    assert best_constant_f("moment", _z(z)) == pytest.approx(float(np.mean(z[:, 0] * z[:, 1])), abs=1e-6)
+    assert best_constant_f("moment", _z(-np.abs(z) * np.array([1, -1]))) == 0.0
+
+
+@pytest.mark.parametrize(("f", "p"), [(0.0, 0.3), (0.4, 0.5), (0.9, 0.8)])
+def test_bernoulli_is_a_distribution_with_correlation_f(f, p):
+    """The four outcomes' probabilities sum to 1, each sister succeeds w.p. p, and Corr(R1, R2) = f."""
+    outcomes = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    targets = {"r1": outcomes[:, 0], "r2": outcomes[:, 1], "p": torch.full((4,), p, dtype=torch.float64)}
+    prob = torch.exp(-LIKELIHOODS["bernoulli"](torch.full((4,), f, dtype=torch.float64), targets))
+    assert float(prob.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float(prob[:2].sum()) == pytest.approx(p, abs=1e-12)  # P(R1 = 1)
+    z = (outcomes - p) / math.sqrt(p * (1 - p))
+    assert float((prob * z[:, 0] * z[:, 1]).sum()) == pytest.approx(f, abs=1e-12)  # E[z1 z2] = f
+
+
+def test_bernoulli_constant_recovers_the_simulated_correlation():
+    rng = np.random.default_rng(4)
+    p, f, n = 0.35, 0.6, 20000
+    shared = rng.random(n) < f  # with probability f the sisters copy one draw, else draw independently
+    first = rng.random(n) < p
+    second = np.where(shared, first, rng.random(n) < p)
+    targets = {"r1": torch.tensor(first, dtype=torch.float64), "r2": torch.tensor(second, dtype=torch.float64),
+               "p": torch.full((n,), p, dtype=torch.float64)}
+    assert best_constant_f("bernoulli", targets) == pytest.approx(f, abs=0.03)
+
+
+def test_likelihood_choice():
+    assert is_binary(np.array([0.0, 1.0, np.nan]), np.array([1.0]))
+    assert not is_binary(np.array([0.0, 0.5]))
+    assert resolve_likelihood("auto", True, "reward") == "bernoulli"
+    assert resolve_likelihood("auto", False, "reward") == "gaussian"
+    assert resolve_likelihood("moment", True, "reward") == "moment"
+    with pytest.raises(UserError, match="--likelihood bernoulli needs a 0/1 reward column, but 'reward_x'"):
+        resolve_likelihood("bernoulli", False, "reward_x")
+
+
+def _batch(f, z1, z2, split, prompt_index, relative) -> dict[str, torch.Tensor]:
+    z1, z2 = torch.tensor(z1), torch.tensor(z2)
+    return {"z1": z1, "z2": z2, "r1": z1, "r2": z2, "p": torch.full_like(z1, 0.5), "split": torch.tensor(split),
+            "prompt_index": torch.tensor(prompt_index), "relative": torch.tensor(relative)}
+
+
 def test_validation_stats_bins_and_gain():
-    stats = ValidationStats(baseline_f=0.5)
+    stats = ValidationStats("gaussian", baseline_f=0.5, n_prompts=3)
     f = torch.tensor([0.05, 0.05, 0.95, 0.55])
-    z1 = torch.tensor([1.0, -1.0, 2.0, 1.0])
-    z2 = torch.tensor([-1.0, 1.0, 2.0, 0.0])
-    relative = torch.tensor([0.0, 0.15, 0.99, 0.5])
-    stats.update(f[:2], z1[:2], z2[:2], relative[:2])
-    stats.update(f[2:], z1[2:], z2[2:], relative[2:])
+    z1, z2 = [1.0, -1.0, 2.0, 1.0], [-1.0, 1.0, 2.0, 0.0]
+    batch = _batch(f, z1, z2, [0, 3, 4, 5], [0, 1, 1, 2], [0.0, 0.15, 0.99, 0.5])
+    stats.update(f[:2], {k: v[:2] for k, v in batch.items()})
+    stats.update(f[2:], {k: v[2:] for k, v in batch.items()})
     stats.reduce(lambda t: t * 1)  # single device: the identity
     out = stats.summary()
-    nll = pair_nll(f.double(), z1.double(), z2.double()).mean().item()
-    base = pair_nll(torch.full((4,), 0.5, dtype=torch.float64), z1.double(), z2.double()).mean().item()
-    assert out["pairs"] == 4
-    assert out["nll"] == pytest.approx(nll) and out["baseline_nll"] == pytest.approx(base)
+    zz1, zz2 = torch.tensor(z1, dtype=torch.float64), torch.tensor(z2, dtype=torch.float64)
+    nll = pair_nll(f.double(), zz1, zz2).mean().item()
+    baseline_f = torch.tensor([0.0, 0.5, 0.5, 0.5], dtype=torch.float64)  # the pinned start: f(0) = 0
+    base = pair_nll(baseline_f, zz1, zz2).mean().item()
+    assert out["pairs"] == 4 and out["prompts"] == 3 and out["likelihood"] == "gaussian"
+    assert out["loss"] == pytest.approx(nll) and out["baseline_loss"] == pytest.approx(base)
     assert out["gain"] == pytest.approx(base - nll)
+    lo, hi = out["gain_ci95"]
+    assert lo <= out["gain"] <= hi
     calib = out["calibration"]
     assert len(calib) == N_BINS and [r["count"] for r in calib] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 1]
     assert calib[0]["mean_f"] == pytest.approx(0.05) and calib[0]["mean_z1z2"] == pytest.approx(-1.0)
@@ -82,3 +135,16 @@ def test_validation_stats_bins_and_gain():
     assert [r["count"] for r in out["f_by_position"]] == [1, 1, 0, 0, 0, 1, 0, 0, 0, 1]
     # sum over bins of count * |mean f - mean z1 z2| / pairs
     assert out["calibration_error"] == pytest.approx((2 * 1.05 + 0.55 + 3.05) / 4)
+
+
+def test_bootstrap_ci_resamples_prompts():
+    """A gain carried by one prompt out of 20 gets a wide interval; a gain every prompt shares, a tight one."""
+    rng = np.random.default_rng(5)
+    shared = np.column_stack([np.full(20, 10.0), rng.normal(20, 0.1, 20), rng.normal(21, 0.1, 20)])
+    lo, hi = bootstrap_gain_ci(shared)
+    assert 0.09 < lo < 0.1 < hi < 0.11  # (21 - 20) / 10 per pair, every prompt alike
+    lopsided = np.column_stack([np.full(20, 10.0), np.full(20, 20.0), np.full(20, 20.0)])
+    lopsided[0, 2] = 40.0  # one prompt carries a gain of 2 nats/pair, the others none
+    lo, hi = bootstrap_gain_ci(lopsided)
+    assert lo == 0.0 and hi > 0.2  # mean gain 0.1: the interval reaches 0 and far above
+    assert np.isnan(bootstrap_gain_ci(np.zeros((3, 3)))[0])

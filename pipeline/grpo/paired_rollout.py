@@ -39,7 +39,8 @@ class Pairing:
 
 def collect_pairs(backend: GenerationBackend, tokenizer, rows: Sequence[Mapping[str, Any]],
                   prompts: Sequence[tuple[str, list[int]]], group_size: int, params: SamplingParams,
-                  weights: Mapping[str, float], seed: int, step: int, max_split: int) -> tuple[Experience, Pairing]:
+                  weights: Mapping[str, float], seed: int, step: int, max_steps: int,
+                  max_split: int) -> tuple[Experience, Pairing]:
     """``collect``'s experience, sampled as pairs; sister A of pair k gets ``collect``'s seed of completion 2k.
 
     t is uniform on 0..``max_split``, a limit fixed before this step's sisters exist (the online head
@@ -55,7 +56,8 @@ def collect_pairs(backend: GenerationBackend, tokenizer, rows: Sequence[Mapping[
     rng = np.random.default_rng([seed, step, SPLIT_STREAM])
     cfg = PairingConfig(group_size=group_size, max_split_tokens=max_split)
     records = sample_pairs(backend, items, params, cfg, seed, rng)
-    exp = experience(tokenizer, rows, prompts, group_size, [r["completion"] for r in records], weights)
+    exp = experience(tokenizer, rows, prompts, group_size, [r["completion"] for r in records], weights, step,
+                     max_steps)
     pairing = Pairing(torch.tensor([r["split_token_idx"] for r in records], dtype=torch.long),
                       torch.tensor([r["degenerate"] for r in records], dtype=torch.bool))
     return exp, pairing

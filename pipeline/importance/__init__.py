@@ -5,6 +5,6 @@ network; ``train.run`` (CLI: ``train_importance_net.py``) fits one on a stage-1 
 """
 
 from pipeline.importance.export import ImportanceScorer, load
-from pipeline.importance.loss import best_constant_f, pair_nll
+from pipeline.importance.loss import LIKELIHOODS, best_constant_f, pair_nll
 
-__all__ = ["ImportanceScorer", "best_constant_f", "load", "pair_nll"]
+__all__ = ["LIKELIHOODS", "ImportanceScorer", "best_constant_f", "load", "pair_nll"]

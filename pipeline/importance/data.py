@@ -1,8 +1,8 @@
 """Stage-2 data: pairs from the stage-1 dump, their standardised rewards, the split by prompt.
 
 One training example per non-degenerate pair: input = prompt + the shared prefix (the first
-``split_token_idx`` completion tokens), target = the two sisters' rewards standardised by the
-prompt's m_q and v_q (DESIGN.md section 1). Inputs come from the stored token ids, never from
+``split_token_idx`` completion tokens), target = the two sisters' rewards, raw and standardised by
+the prompt's m_q and v_q (docs/design.md). Inputs come from the stored token ids, never from
 re-tokenised text, so the backbone must use the dump's tokenizer.
 """
 
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.dump import dump_files, read_dump
 from pipeline.errors import UserError
+from pipeline.importance.sampling import ShardSampler
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Pairs:
     completion: list[np.ndarray]  # sister A's whole completion
     r1: np.ndarray
     r2: np.ndarray
+    mean: np.ndarray  # m_q: for a 0/1 reward, the success rate p of the Bernoulli likelihood
     z1: np.ndarray
     z2: np.ndarray
 
@@ -120,7 +122,7 @@ def load_pairs(path: str | Path, reward_key: str = "reward",
     m = a["m"].to_numpy()
     pairs = Pairs(index=np.arange(len(a)), prompt_id=a["prompt_id"].to_numpy(),
                   group_id=a.index.get_level_values("group_id").to_numpy(), split=split,
-                  prompt=prompt, completion=completion, r1=a[column].to_numpy(), r2=b[column].to_numpy(),
+                  prompt=prompt, completion=completion, r1=a[column].to_numpy(), r2=b[column].to_numpy(), mean=m,
                   z1=(a[column].to_numpy() - m) / std, z2=(b[column].to_numpy() - m) / std)
     return pairs, counts, column
 
@@ -180,38 +182,33 @@ class PairDataset(Dataset):
     def __init__(self, pairs: Pairs) -> None:
         self.pairs = pairs
         self.relative = pairs.relative_position()
+        self.prompt_index = np.unique(pairs.prompt_id, return_inverse=True)[1]  # 0..prompts-1, for the bootstrap
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.pairs
-        return {"input_ids": np.concatenate([p.prompt[i], p.completion[i][: p.split[i]]]),
-                "z1": p.z1[i], "z2": p.z2[i], "relative": self.relative[i], "index": p.index[i]}
+        return {"prompt": p.prompt[i], "prefix": p.completion[i][: p.split[i]], "split": p.split[i],
+                "z1": p.z1[i], "z2": p.z2[i], "r1": p.r1[i], "r2": p.r2[i], "p": p.mean[i],
+                "relative": self.relative[i], "index": p.index[i], "prompt_index": self.prompt_index[i]}
 
 
-def pad_right(sequences: list[np.ndarray] | list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding keeps every real token's position id and causal context unchanged."""
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+TARGETS = ("z1", "z2", "r1", "r2", "p")  # what the likelihoods read
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    ids, mask = pad_right([item["input_ids"] for item in items])
-    batch = {"input_ids": ids, "attention_mask": mask, "last": mask.sum(1) - 1}
-    for key, dtype in (("z1", torch.float32), ("z2", torch.float32), ("relative", torch.float32),
-                       ("index", torch.long)):
-        batch[key] = torch.tensor([item[key] for item in items], dtype=dtype)
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token ids stay lists (the network batches them itself, one forward per distinct prompt)."""
+    batch: dict[str, Any] = {"prompt": [item["prompt"] for item in items], "prefix": [item["prefix"] for item in items]}
+    for key in (*TARGETS, "relative"):
+        batch[key] = torch.tensor(np.array([item[key] for item in items]), dtype=torch.float32)
+    for key in ("split", "index", "prompt_index"):
+        batch[key] = torch.tensor(np.array([item[key] for item in items]), dtype=torch.long)
     return batch
 
 
 class PairDataModule(L.LightningDataModule):
-    """Reads the dump once (``setup`` is idempotent) and serves padded batches of pairs."""
+    """Reads the dump once (``setup`` is idempotent) and serves batches of pairs, each rank its own shard."""
 
     def __init__(self, rollouts: str | Path, reward_key: str = "reward", group_stats: str = "prompt",
                  val_fraction: float = 0.1, batch_size: int = 32, seed: int = 0) -> None:
@@ -237,8 +234,14 @@ class PairDataModule(L.LightningDataModule):
         return max(int(seq.max(initial=0)) for part in (self.train, self.val)
                    for seq in (*part.prompt, *part.completion))
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(PairDataset(self.train), batch_size=self.batch_size, shuffle=True, collate_fn=collate)
+        sampler = ShardSampler(len(self.train), *self._rank_world(), seed=self.seed, shuffle=True)
+        return DataLoader(PairDataset(self.train), batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(PairDataset(self.val), batch_size=self.batch_size, collate_fn=collate)
+        sampler = ShardSampler(len(self.val), *self._rank_world(), seed=self.seed, shuffle=False)
+        return DataLoader(PairDataset(self.val), batch_size=self.batch_size, sampler=sampler, collate_fn=collate)

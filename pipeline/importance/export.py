@@ -2,8 +2,9 @@
 
 Layout of ``<run>/export/``::
 
-    importance_net.json      format, NetConfig (backbone name/path, mode, head), tokenizer fingerprint,
-                             reward_key, group_stats, baseline_f
+    importance_net.json      format, NetConfig (backbone name/path, mode, head, form, pinned end),
+                             tokenizer fingerprint, reward_key, group_stats, likelihood, baseline_f,
+                             validation {likelihood, gain, gain_ci95, pairs, prompts}
     trainable.safetensors    the weights training changed: head (+ last-k layers or LoRA adapters)
 
 The backbone is referenced, not copied: ``load`` rebuilds it from ``--backbone`` and refuses to go
@@ -29,11 +30,10 @@ from torch import Tensor
 from pipeline.artifacts import write_json
 from pipeline.dump import tokenizer_fingerprint
 from pipeline.errors import UserError
-from pipeline.importance.data import pad_right
 from pipeline.importance.model import ImportanceNet, NetConfig
 from pipeline.models import load_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pinned ends, forms, position features (format 1 nets need retraining)
 CONFIG_FILE = "importance_net.json"
 WEIGHTS_FILE = "trainable.safetensors"
 
@@ -79,6 +79,7 @@ class ImportanceScorer:
         self.reward_key: str = info["reward_key"]
         self.group_stats: str = info["group_stats"]
         self.backbone: str = net.config.backbone
+        self.validation: dict[str, Any] | None = info.get("validation")  # stage 2's gain over the constant f
 
     @property
     def device(self) -> torch.device:
@@ -94,8 +95,11 @@ class ImportanceScorer:
         """f at every completion position: a tensor of len(completion) + 1 values per completion.
 
         Takes one prompt and one completion (lists of ids or 1-D tensors) or sequences of them
-        (then returns a list, in input order). Entry t reads the hidden state of the last token
-        of prompt + completion[:t]; f(t + 1) - f(t) is how much token t decided the reward.
+        (then returns a list, in input order). f(0) = 0, f(len) = 1 (unless the net was trained
+        with a learnt end), entry t in between is read at the hidden state of the last token of
+        prompt + completion[:t]; f(t + 1) - f(t) is how much token t decided the reward, so the
+        increments of a completion sum to 1. Completions of the same prompt are batched together
+        and the prompt is forwarded once for them (``batch_size`` counts completions).
         """
         single = _is_token_list(prompt_token_ids)
         prompts = [_as_list(prompt_token_ids)] if single else [_as_list(p) for p in prompt_token_ids]
@@ -103,16 +107,12 @@ class ImportanceScorer:
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
         if any(not p for p in prompts):
-            raise ValueError("every prompt needs at least one token: f(0) is read at the last prompt token")
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
+            raise ValueError("every prompt needs at least one token: the first completion token attends to it")
+        order = sorted(range(len(prompts)), key=lambda i: (prompts[i], len(completions[i])))  # same prompts adjacent
         out: list[Tensor] = [torch.empty(0)] * len(prompts)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            ids, mask = pad_right([prompts[i] + completions[i] for i in rows])
-            steps = torch.arange(max(len(completions[i]) for i in rows) + 1)
-            positions = torch.stack([(len(prompts[i]) - 1 + steps).clamp(max=len(prompts[i]) + len(completions[i]) - 1)
-                                     for i in rows])
-            f = self.net(ids.to(self.device), mask.to(self.device), positions.to(self.device))
+            f = self.net.curve([prompts[i] for i in rows], [completions[i] for i in rows])
             for row, i in enumerate(rows):
                 out[i] = f[row, : len(completions[i]) + 1]
         return out[0] if single else out
@@ -121,7 +121,8 @@ class ImportanceScorer:
                      width: int | None = None, batch_size: int = 16) -> Tensor:
         """(B, width + 1) for right-padded completions of ``width`` tokens (the GRPO soft mask's layout).
 
-        Past a completion's end f repeats its last value, so f(t + 1) - f(t) is 0 on padding.
+        Past a completion's end f repeats its last value, so f(t + 1) - f(t) is 0 on padding and each
+        row's increments sum to f(len) - f(0) = 1.
         """
         scores = self.score(prompt_token_ids, completion_token_ids, batch_size=batch_size)
         width = max(len(s) for s in scores) - 1 if width is None else width

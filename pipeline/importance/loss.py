@@ -1,27 +1,49 @@
-"""The pair likelihood of DESIGN.md section 1, written once: training, metrics and the baseline use it.
+"""The pair likelihoods of f, written once: training, metrics and the constant baseline use them.
 
-Sisters' standardised rewards (z1, z2) ~ N(0, [[1, f], [f, 1]]). Using
-z1^2 - 2 f z1 z2 + z2^2 = ((z1 + z2)^2 (1 - f) + (z1 - z2)^2 (1 + f)) / 2 the quadratic form splits
-into two terms without cancellation, and log(1 - f^2) = log1p(-f) + log1p(f) stays accurate near f = 1.
+A pair's sisters share their first t tokens; their standardised rewards z_i = (R_i - m_q) / sqrt(v_q)
+satisfy E[z1 z2] = f(t) (docs/design.md). Three ways to score a predicted f against a pair, one
+small function each (``LIKELIHOODS``), all per pair and elementwise:
+
+- ``gaussian``: -log N((z1, z2); 0, [[1, f], [f, 1]]), in nats.
+- ``bernoulli``: -log P(R1, R2) for 0/1 rewards with success rate p = m_q: P(1,1) = p^2 + f p(1-p),
+  P(0,0) = (1-p)^2 + f p(1-p), P(1,0) = P(0,1) = (1-f) p(1-p). Exact for binary rewards, in nats.
+- ``moment``: (z1 z2 - f)^2, least squares on the moment E[z1 z2] = f (units: squared z1*z2).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-F_MAX = 1.0 - 1e-4  # f = 1 makes the density singular; exact ties (z1 == z2) would drive f there
+from pipeline.errors import UserError
+
+F_MAX = 1.0 - 1e-4  # f = 1 makes the Gaussian density singular and P(1,0) zero: predictions stay below
 LOG_2PI = math.log(2 * math.pi)
+
+# (f, targets) -> per-pair loss; targets hold tensors z1, z2 (standardised) and r1, r2, p (raw rewards, mean)
+PairLoss = Callable[[Tensor, dict[str, Tensor]], Tensor]
+LIKELIHOODS: dict[str, PairLoss] = {}
+UNITS = {"gaussian": "nats/pair", "bernoulli": "nats/pair", "moment": "squared error/pair"}
+
+
+def register_likelihood(name: str) -> Callable[[PairLoss], PairLoss]:
+    def decorator(fn: PairLoss) -> PairLoss:
+        LIKELIHOODS[name] = fn
+        return fn
+
+    return decorator
 
 
 def pair_nll(f: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
-    """Per-pair negative log-density of (z1, z2) under correlation f (elementwise, full constant included).
+    """Per-pair negative log-density of (z1, z2) under correlation f (full constant included).
 
     ``-pair_nll`` equals ``multivariate_normal.logpdf([z1, z2], cov=[[1, f], [f, 1]])``; for raw rewards
-    subtract log(v_q) (the Jacobian of standardising).
+    subtract log(v_q) (the Jacobian of standardising). Written as two squares, so there is no
+    cancellation near f = 1, where exact ties z1 = z2 are common.
     """
     f = f.clamp(-F_MAX, F_MAX)
     log_det = torch.log1p(-f) + torch.log1p(f)
@@ -29,16 +51,61 @@ def pair_nll(f: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
     return LOG_2PI + 0.5 * log_det + quad
 
 
-def best_constant_f(z1: np.ndarray, z2: np.ndarray) -> float:
-    """The constant f in [0, F_MAX] with the least mean NLL: the baseline the network has to beat.
+@register_likelihood("gaussian")
+def gaussian(f: Tensor, targets: dict[str, Tensor]) -> Tensor:
+    return pair_nll(f, targets["z1"], targets["z2"])
 
-    With A = mean(z1^2 + z2^2) and B = mean(z1 z2) the mean NLL's derivative vanishes where
-    f^3 - B f^2 + (A - 1) f - B = 0, so the optimum is a real root of that cubic or an end point.
-    """
-    a = float(np.mean(z1**2 + z2**2))
-    b = float(np.mean(z1 * z2))
-    roots = np.roots([1.0, -b, a - 1.0, -b])
-    candidates = [0.0, F_MAX] + [float(r.real) for r in roots if abs(r.imag) < 1e-9 and 0 < r.real < F_MAX]
-    z1_t, z2_t = torch.as_tensor(z1, dtype=torch.float64), torch.as_tensor(z2, dtype=torch.float64)
-    losses = [float(pair_nll(torch.full_like(z1_t, c), z1_t, z2_t).mean()) for c in candidates]
-    return candidates[int(np.argmin(losses))]
+
+@register_likelihood("bernoulli")
+def bernoulli(f: Tensor, targets: dict[str, Tensor]) -> Tensor:
+    """The exact likelihood of two 0/1 rewards whose correlation is f, given the success rate p."""
+    f = f.clamp(0.0, F_MAX)
+    p, r1, r2 = targets["p"], targets["r1"], targets["r2"]
+    spread = p * (1 - p)
+    same = torch.where(r1 > 0.5, p.square(), (1 - p).square()) + f * spread
+    prob = torch.where((r1 > 0.5) == (r2 > 0.5), same, (1 - f) * spread)
+    return -torch.log(prob)
+
+
+@register_likelihood("moment")
+def moment(f: Tensor, targets: dict[str, Tensor]) -> Tensor:
+    return (targets["z1"] * targets["z2"] - f).square()
+
+
+def is_binary(*rewards: np.ndarray) -> bool:
+    """Every (finite) reward is 0 or 1: the column a Bernoulli likelihood describes exactly."""
+    values = np.concatenate([np.asarray(r, dtype=np.float64) for r in rewards])
+    return bool(np.isin(values[np.isfinite(values)], (0.0, 1.0)).all())
+
+
+def resolve_likelihood(name: str, binary: bool, column: str) -> str:
+    """``auto``: bernoulli for a 0/1 reward column, else gaussian; an explicit choice is checked."""
+    if name == "auto":
+        return "bernoulli" if binary else "gaussian"
+    if name not in LIKELIHOODS:
+        raise UserError(f"--likelihood must be auto or one of {', '.join(LIKELIHOODS)}, got '{name}'")
+    if name == "bernoulli" and not binary:
+        raise UserError(f"--likelihood bernoulli needs a 0/1 reward column, but '{column}' has other values: "
+                        f"use --likelihood gaussian or moment")
+    return name
+
+
+def minimise_scalar(loss: Callable[[float], float], lo: float, hi: float, grid: int = 201) -> float:
+    """argmin of ``loss`` over [lo, hi]: a grid, then a finer grid around the best point, three times
+    (to ~1e-7 of the range). A grid, not Newton: the mean Gaussian NLL in f need not be convex."""
+    best = lo
+    for _ in range(3):
+        points = np.linspace(lo, hi, grid)
+        values = [loss(float(x)) for x in points]
+        i = int(np.argmin(values))
+        best, lo, hi = float(points[i]), float(points[max(i - 1, 0)]), float(points[min(i + 1, grid - 1)])
+    return best
+
+
+def best_constant_f(likelihood: str, targets: dict[str, Tensor]) -> float:
+    """The constant f in [0, F_MAX] with the least mean loss on ``targets``: the baseline to beat."""
+    fn = LIKELIHOODS[likelihood]
+    targets = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in targets.items()}
+    if next(iter(targets.values())).numel() == 0:
+        return 0.0
+    return minimise_scalar(lambda c: float(fn(torch.tensor(c, dtype=torch.float64), targets).mean()), 0.0, F_MAX)

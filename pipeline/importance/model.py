@@ -1,23 +1,29 @@
 """The importance network f_theta (LM body + scalar head) and the LightningModule that fits it.
 
 Only the decoder body runs: f is read from hidden states, so the LM's vocabulary logits (the
-costliest layer of a small model) are never computed.
+costliest layer of a small model) are never computed. The head sees each completion token's
+hidden state (layer-normalised) and, by default, a basis of its position in the completion
+(``forms.position_features``); ``forms`` turns its outputs into f(0..L).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
-from pipeline.importance.loss import F_MAX, pair_nll
+from pipeline.importance.forms import FORMS, KNOTS, curve, f_along, initial_bias, position_features
+from pipeline.importance.loss import LIKELIHOODS
 from pipeline.importance.metrics import ValidationStats
+from pipeline.importance.states import TokenIds, completion_states
 from pipeline.models import load_causal_lm
 
 BACKBONE_MODES = ("frozen", "last_k", "lora")
@@ -33,6 +39,10 @@ class NetConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     head_hidden: int = 0  # 0: a linear head; > 0: one hidden layer of that width
+    form: str = "monotone"  # forms.FORMS
+    pin_end: bool = True  # f(len) = 1; False: f(len) comes from the head like every other position
+    position_features: bool = True
+    constant: float | None = None  # set when the best candidate on validation was the constant f: f = it for 0 < t
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,12 +57,14 @@ def _layers(body: nn.Module) -> nn.ModuleList:
 
 
 class ImportanceNet(nn.Module):
-    """f(t) = F_MAX * sigmoid(head(h_t)), h_t the body's last hidden state at the last token of prompt + completion[:t]."""
+    """a(u) = head([norm(h_u), position basis of u]) per completion position u; f from ``forms.curve``."""
 
     def __init__(self, config: NetConfig) -> None:
         super().__init__()
         if config.backbone_mode not in BACKBONE_MODES:
             raise UserError(f"--backbone_mode must be one of {', '.join(BACKBONE_MODES)}, got '{config.backbone_mode}'")
+        if config.form not in FORMS:
+            raise UserError(f"--f_form must be one of {', '.join(FORMS)}, got '{config.form}'")
         self.config = config
         self.body = load_causal_lm(config.backbone).get_decoder()
         self.body.requires_grad_(False)
@@ -66,7 +78,7 @@ class ImportanceNet(nn.Module):
         elif config.backbone_mode == "lora":
             lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear")
             inject_adapter_in_model(lora, self.body)
-        width = self.body.config.hidden_size
+        width = self.body.config.hidden_size + (len(KNOTS) if config.position_features else 0)
         self.head = (nn.Linear(width, 1) if config.head_hidden <= 0 else
                      nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1)))
 
@@ -77,80 +89,153 @@ class ImportanceNet(nn.Module):
             self.body.eval()
         return self
 
-    def init_head(self, f0: float) -> None:
-        """Start at the constant f0 (the baseline, kept off the sigmoid's flat ends): training adds what depends on the prefix."""
+    def init_head(self, value: float) -> None:
+        """Start at a constant (f = value, or hazard rate = value for the monotone form): training adds what
+        depends on the prefix."""
         last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
-        p = min(max(f0 / F_MAX, 0.02), 0.98)
         with torch.no_grad():
             last.weight.zero_()
-            last.bias.fill_(math.log(p / (1 - p)))
+            last.bias.fill_(initial_bias(self.config.form, value))
 
-    def features(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
-        """Hidden states (B, K, H) at ``positions`` (B, K) of a right-padded batch: one forward pass."""
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
-    def f_from_features(self, features: Tensor) -> Tensor:
-        return F_MAX * torch.sigmoid(self.head(features).squeeze(-1).float())
+    def states(self, prompts: Sequence[TokenIds], completions: Sequence[TokenIds]) -> Tensor:
+        """(R, W, H) hidden states at the completion tokens (one forward per distinct prompt)."""
+        return completion_states(self.body, prompts, completions, self.device)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
-        return self.f_from_features(self.features(input_ids, attention_mask, positions))
+    def logits(self, states: Tensor, u: Tensor) -> Tensor:
+        """a(u) (R, W) from states (R, W, H) at completion positions u (R, W), u = tokens in the prefix."""
+        x = F.layer_norm(states, states.shape[-1:])
+        if self.config.position_features:
+            # x sqrt(H): under Adam each weight moves about lr per step, so H unit-scale state coordinates move
+            # the logit ~sqrt(H) times faster than the 1-2 active position weights would; this evens it out
+            # (measured: without it, a step in position is learnt as a ramp).
+            basis = position_features(u).to(x.dtype) * math.sqrt(states.shape[-1])
+            x = torch.cat([x, basis], dim=-1)
+        return self.head(x).squeeze(-1)
+
+    def inner_f(self, states: Tensor, u: Tensor) -> Tensor:
+        """f(u) (R, W) of the form at positions u, before the ends are pinned."""
+        if self.config.constant is not None:
+            return torch.full(u.shape, self.config.constant, device=u.device)
+        return f_along(self.config.form, self.logits(states, u).float())
+
+    def curve(self, prompts: Sequence[TokenIds], completions: Sequence[TokenIds]) -> Tensor:
+        """(R, W + 1): f(0..W) of each completion, pinned ends, f(len) repeated past its end."""
+        states = self.states(prompts, completions)
+        u = torch.arange(1, states.shape[1] + 1, device=states.device).expand(states.shape[:2])
+        lengths = torch.tensor([len(c) for c in completions], device=states.device)
+        return curve(self.inner_f(states, u), lengths, self.config.pin_end)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The weights training changes (head, last layers or LoRA): with the backbone they rebuild the net."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
 
-class ImportanceModule(L.LightningModule):
-    """Maximum likelihood of the sisters' rewards under correlation f (DESIGN.md section 1)."""
+class FeatureCache:
+    """A frozen body's states of each pair's prefix, computed once per pair (by the rank that sees it).
 
-    def __init__(self, net_config: dict[str, Any], baseline_f: float, lr: float = 1e-2,
-                 backbone_lr: float = 1e-4) -> None:
+    ``keep='last'`` stores the state at the split only (all the direct form reads), ``'all'`` every
+    prefix state (the monotone form, and runs that share one cache across forms).
+    """
+
+    def __init__(self, keep: str) -> None:
+        self.keep = keep
+        self.rows: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class ImportanceModule(L.LightningModule):
+    """Fits f by the chosen pair likelihood (docs/design.md); validation compares it with the best constant."""
+
+    def __init__(self, net_config: dict[str, Any], likelihood: str, init_value: float, baseline_f: float,
+                 lr: float = 1e-2, backbone_lr: float = 1e-4, weight_decay: float = 0.0,
+                 feature_cache: FeatureCache | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.net = ImportanceNet(NetConfig(**net_config))
-        self.net.init_head(baseline_f)
+        self.save_hyperparameters(ignore=["feature_cache"])
+        self.net = ImportanceNet(NetConfig(**{**net_config, "constant": None}))
+        self.net.init_head(init_value)
+        self.loss_fn = LIKELIHOODS[likelihood]
         self.strict_loading = False  # checkpoints hold only the trainable weights, the backbone is reloaded
-        self._feature_cache: dict[int, Tensor] = {}
+        needed = "all" if self.net.config.form == "monotone" else "last"
+        if feature_cache is not None and feature_cache.keep != "all" and feature_cache.keep != needed:
+            raise ValueError(f"a feature cache keeping '{feature_cache.keep}' rows cannot serve the {needed} form")
+        self.features = feature_cache if feature_cache is not None else FeatureCache(needed)
+        self.features_computed = 0
         self._stats: ValidationStats | None = None
         self.val_summary: dict[str, Any] = {}
 
-    def _f(self, batch: dict[str, Tensor]) -> Tensor:
-        """f per pair. A frozen body's features never change, so each pair's are computed once."""
-        args = (batch["input_ids"], batch["attention_mask"], batch["last"].unsqueeze(1))
+    def _prefix_states(self, batch: dict[str, Any]) -> list[Tensor]:
+        """Per pair, its prefix states (t, H) (or (1, H), the last, for the direct form); frozen ones cached."""
+        prompts, prefixes = batch["prompt"], batch["prefix"]
         if self.net.config.backbone_mode != "frozen":
-            return self.net(*args).squeeze(1)
+            states = self.net.states(prompts, prefixes)
+            return [states[i, : len(p)] for i, p in enumerate(prefixes)]
         keys = batch["index"].tolist()
-        if any(k not in self._feature_cache for k in keys):
+        missing = [i for i, k in enumerate(keys) if k not in self.features.rows and len(prefixes[i])]
+        if missing:
             with torch.no_grad():
-                self._feature_cache.update(zip(keys, self.net.features(*args).squeeze(1), strict=True))
-        return self.net.f_from_features(torch.stack([self._feature_cache[k] for k in keys]))
+                states = self.net.states([prompts[i] for i in missing], [prefixes[i] for i in missing])
+            for row, i in enumerate(missing):
+                t = len(prefixes[i])
+                self.features.rows[keys[i]] = states[row, :t] if self.features.keep == "all" else states[row, t - 1:t]
+            self.features_computed += len(missing)
+        return [self.features.rows[k] if len(p) else self._empty() for k, p in zip(keys, prefixes, strict=True)]
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = pair_nll(self._f(batch), batch["z1"], batch["z2"]).mean()
-        self.log("train/nll", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=len(batch["z1"]))
+    def _empty(self) -> Tensor:
+        return torch.zeros(0, self.net.body.config.hidden_size, device=self.device)
+
+    def pair_f(self, batch: dict[str, Any]) -> Tensor:
+        """f(t) of each pair at its split t (0 where t = 0: the pinned start)."""
+        split = batch["split"]
+        rows = [s[-1:] if self.net.config.form == "direct" else s for s in self._prefix_states(batch)]
+        n = torch.tensor([len(r) for r in rows], device=split.device)
+        width = max(int(n.max()), 1)
+        states = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])
+        steps = torch.arange(width, device=split.device)
+        u = (split.unsqueeze(1) if self.net.config.form == "direct" else steps + 1).expand(len(rows), width)
+        f = self.net.inner_f(states, u)
+        at_split = f.gather(1, (n - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        return torch.where(split > 0, at_split, torch.zeros_like(at_split))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.loss_fn(self.pair_f(batch), batch).mean()
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(batch["split"]))
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._stats = ValidationStats(self.hparams.baseline_f, self.device)
+        self._stats = ValidationStats(self.hparams.likelihood, self.hparams.baseline_f,
+                                      self.trainer.datamodule.counts["prompts_val"], self.device)
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._stats.update(self._f(batch), batch["z1"], batch["z2"], batch["relative"])
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._stats.update(self.pair_f(batch), batch)
 
     def on_validation_epoch_end(self) -> None:
         self._stats.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         self.val_summary = self._stats.summary()
-        for key in ("nll", "baseline_nll", "gain", "calibration_error"):
-            self.log(f"val/{key}", self.val_summary[key], prog_bar=key in ("nll", "gain"))
+        for key in ("loss", "baseline_loss", "gain", "calibration_error"):
+            self.log(f"val/{key}", self.val_summary[key], prog_bar=key in ("loss", "gain"))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        head = list(self.net.head.parameters())
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW, the learning rate decaying to 0 along a cosine over ``max_epochs`` (so late epochs settle
+        instead of jittering around the optimum); weight decay on weights, never on biases."""
+        decay = self.hparams.weight_decay
+        head_weights = [p for n, p in self.net.head.named_parameters() if not n.endswith("bias")]
+        head_biases = [p for n, p in self.net.head.named_parameters() if n.endswith("bias")]
         body = [p for p in self.net.body.parameters() if p.requires_grad]
-        groups = [{"params": head, "lr": self.hparams.lr}]
+        groups = [{"params": head_weights, "lr": self.hparams.lr, "weight_decay": decay},
+                  {"params": head_biases, "lr": self.hparams.lr, "weight_decay": 0.0}]
         if body:
-            groups.append({"params": body, "lr": self.hparams.backbone_lr})
-        return torch.optim.AdamW(groups, weight_decay=0.0)
+            groups.append({"params": body, "lr": self.hparams.backbone_lr, "weight_decay": decay})
+        optimizer = torch.optim.AdamW(groups)
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints small: a frozen backbone's weights are reloaded from ``--backbone``."""

@@ -18,18 +18,25 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.artifacts import ensure_writable_dir, now_iso, provenance, write_json
 from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
-from pipeline.importance.data import PairDataModule
+from pipeline.importance.data import PairDataModule, Pairs
 from pipeline.importance.export import load, save_export
-from pipeline.importance.loss import best_constant_f
+from pipeline.importance.forms import FORMS, constant_hazard_curve
+from pipeline.importance.loss import (
+    LIKELIHOODS,
+    best_constant_f,
+    is_binary,
+    minimise_scalar,
+    resolve_likelihood,
+)
 from pipeline.importance.metrics import TABLES, TableWriter
-from pipeline.importance.model import ImportanceModule, NetConfig
+from pipeline.importance.model import FeatureCache, ImportanceModule, NetConfig
 from pipeline.importance.plots import plot_calibration, plot_f_by_position
 from pipeline.importance.report import Example, write_report
 from pipeline.models import GGUF_ALIASES, load_tokenizer
@@ -38,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # A resumed run must see the same data and network as the one it continues.
 IDENTITY_ARGS = ("rollouts", "backbone", "reward_key", "group_stats", "val_fraction", "seed", "backbone_mode",
-                 "last_k", "lora_r", "lora_alpha", "head_hidden")
+                 "last_k", "lora_r", "lora_alpha", "head_hidden", "likelihood", "f_form", "f_end", "position_features")
+F_ENDS = ("pinned", "learnt")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 LAST_CKPT = "last.ckpt"
 
@@ -132,44 +140,96 @@ def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
             for i in sorted(first)[:n]]
 
 
-def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_from: Path | None,
+def _targets(pairs: Pairs) -> dict[str, np.ndarray]:
+    return {"z1": pairs.z1, "z2": pairs.z2, "r1": pairs.r1, "r2": pairs.r2, "p": pairs.mean}
+
+
+def starting_point(form: str, likelihood: str, train: Pairs) -> tuple[float, float]:
+    """(baseline f, initial value of the head) fitted on the training pairs.
+
+    The baseline is the best constant for t > 0 (f(0) = 0 is pinned for every model, so pairs at t = 0
+    carry no information about it). The direct form starts at it; the monotone form starts at the best
+    constant hazard, f(t) = 1 - exp(-rate t).
+    """
+    moved = train.split > 0
+    targets = {k: torch.as_tensor(v[moved], dtype=torch.float64) for k, v in _targets(train).items()}
+    baseline = best_constant_f(likelihood, targets)
+    if form == "direct":
+        return baseline, baseline
+    t = torch.as_tensor(train.split[moved])
+    fn = LIKELIHOODS[likelihood]
+    log_rate = minimise_scalar(lambda x: float(fn(constant_hazard_curve(float(np.exp(x)), t), targets).mean()),
+                               float(np.log(1e-4)), float(np.log(5.0)))
+    return baseline, float(np.exp(log_rate))
+
+
+def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_from: Path | None, patience: int,
          **trainer_args: Any) -> tuple[L.Trainer, str]:
-    """Fit (or continue) the run, then evaluate its best checkpoint; returns the trainer and that checkpoint."""
+    """Fit (or continue) the run and keep the best candidate on validation loss: the constant baseline, the
+    network at its start, or the best epoch's, so the result is never worse than the constant on
+    validation. Returns the trainer and the choice."""
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
-                                 auto_insert_metric_name=False, monitor="val/nll", mode="min", save_top_k=1)
-    # Lightning's save_last only refreshes last.ckpt when val/nll improves: a second callback writes it every epoch
+                                 auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=1)
+    # Lightning's save_last only refreshes last.ckpt when val/loss improves: a second callback writes it every epoch
     latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CKPT.removesuffix(".ckpt"),
                              enable_version_counter=False)
+    callbacks = [checkpoint, latest, TableWriter(run_dir)]
+    if patience > 0:
+        callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=patience))
+    # use_distributed_sampler=False: the datamodule shards pairs itself (fixed shards, unpadded validation)
     trainer = L.Trainer(logger=ResumableCSVLogger(run_dir, name="", version=""),
-                        callbacks=[checkpoint, latest, TableWriter(run_dir)], enable_progress_bar=True,
+                        callbacks=callbacks, enable_progress_bar=True,
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
-                        default_root_dir=run_dir, **trainer_args)
-    # a separate evaluator, so the final evaluation of the best checkpoint is not logged as one more epoch
+                        default_root_dir=run_dir, use_distributed_sampler=False, **trainer_args)
+    # a separate evaluator, so evaluating the candidates is not logged as one more epoch
     trainer_args.pop("max_epochs")
     evaluator = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
-                          default_root_dir=run_dir, **trainer_args)
+                          default_root_dir=run_dir, use_distributed_sampler=False, **trainer_args)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen body, on purpose
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
+        warnings.filterwarnings("ignore", message=".*exceeds the number of samples.*")  # a rank's small shard
+        initial = {k: v.clone() for k, v in module.net.trainable_state_dict().items()}
+        evaluator.validate(module, datamodule=dm, verbose=False)
+        candidates = {"constant": module.val_summary["baseline_loss"], "initial": module.val_summary["loss"]}
         trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
-        if checkpoint.best_model_path:
+        if checkpoint.best_model_path and checkpoint.best_model_score is not None:
+            candidates[Path(checkpoint.best_model_path).name] = float(checkpoint.best_model_score)
+        chosen = min(candidates, key=candidates.get)  # ties: the constant, then the start, then training
+        if chosen == "constant":
+            module.net.config.constant = module.hparams.baseline_f
+        elif chosen == "initial":
+            module.net.load_state_dict(initial, strict=False)
+        else:
             state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state, strict=False)
         evaluator.validate(module, datamodule=dm, verbose=False)
-    return trainer, checkpoint.best_model_path
+    return trainer, chosen
 
 
 def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "reward", group_stats: str = "prompt",
+        likelihood: str = "auto", f_form: str = "monotone", f_end: str = "pinned", position_features: bool = True,
         backbone_mode: str = "frozen", last_k: int = 1, lora_r: int = 8, lora_alpha: int = 16, head_hidden: int = 0,
-        val_fraction: float = 0.1, max_epochs: int = 10, batch_size: int = 32, lr: float = 1e-2,
-        backbone_lr: float = 1e-4, precision: str = "32-true", devices: str | int = 1, accelerator: str = "auto",
-        seed: int = 0, run_name: str | None = None, out_dir: str | Path | None = None, resume: bool = False,
-        report_examples: int = 8) -> dict[str, Any]:
-    """Train the importance network on a stage-1 dump; returns the run summary (also in metadata.json)."""
+        val_fraction: float = 0.1, max_epochs: int = 20, patience: int = 3, batch_size: int = 32, lr: float = 1e-2,
+        weight_decay: float = 0.01, backbone_lr: float = 1e-4, precision: str = "32-true",
+        devices: str | int = 1, accelerator: str = "auto", seed: int = 0, run_name: str | None = None,
+        out_dir: str | Path | None = None, resume: bool = False, report_examples: int = 8,
+        feature_cache: FeatureCache | None = None) -> dict[str, Any]:
+    """Train the importance network on a stage-1 dump; returns the run summary (also in metadata.json).
+
+    ``feature_cache``: a frozen backbone's prefix states shared by several runs in one process (the
+    recipe measurements); each run computes its own otherwise.
+    """
     started, t0 = now_iso(), time.time()
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if f_form not in FORMS:
+        raise UserError(f"--f_form must be one of {', '.join(FORMS)}, got '{f_form}'")
+    if f_end not in F_ENDS:
+        raise UserError(f"--f_end must be one of {', '.join(F_ENDS)}, got '{f_end}'")
+    if patience < 0:
+        raise UserError(f"--patience must be >= 0 (0: no early stopping), got {patience}")
     meta = read_metadata(rollouts)
     log.info("rollouts '%s': %s", rollouts, schema_version(rollouts, meta))
     backbone = backbone or meta.get("model_name")
@@ -185,47 +245,57 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     if dm.max_token_id() >= len(tokenizer):
         raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
                         f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
+    resolved = resolve_likelihood(likelihood, is_binary(dm.train.r1, dm.train.r2, dm.val.r1, dm.val.r2),
+                                  dm.reward_column)
     run_name = run_name or f"{backbone_mode}-{dm.reward_column}-{group_stats}"
     run_dir = default_run_dir(rollouts, run_name, out_dir)
     args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
-            "group_stats": group_stats, "backbone_mode": backbone_mode, "last_k": last_k, "lora_r": lora_r,
-            "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
-            "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "backbone_lr": backbone_lr,
-            "precision": precision, "devices": str(devices), "accelerator": accelerator, "seed": seed,
-            "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
-            "report_examples": report_examples}
+            "group_stats": group_stats, "likelihood": resolved, "f_form": f_form, "f_end": f_end,
+            "position_features": position_features, "backbone_mode": backbone_mode, "last_k": last_k,
+            "lora_r": lora_r, "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
+            "max_epochs": max_epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "backbone_lr": backbone_lr, "precision": precision, "devices": str(devices),
+            "accelerator": accelerator, "seed": seed, "run_name": run_name,
+            "out_dir": str(out_dir) if out_dir else None, "resume": resume, "report_examples": report_examples}
 
     is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
     if is_rank_zero:
         _check_run_dir(run_dir, resume, args)
     resume_from = _checkpoints(run_dir)[-1] if resume and _checkpoints(run_dir) else None
 
-    baseline_f = best_constant_f(dm.train.z1, dm.train.z2)
-    net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden)
-    module = ImportanceModule(net_config.to_dict(), baseline_f, lr, backbone_lr)
+    baseline_f, init_value = starting_point(f_form, resolved, dm.train)
+    net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden, f_form,
+                           f_end == "pinned", position_features)
+    module = ImportanceModule(net_config.to_dict(), resolved, init_value, baseline_f, lr, backbone_lr, weight_decay,
+                              feature_cache=feature_cache)
     if is_rank_zero and resume_from is None:
         ensure_writable_dir(run_dir)
         for stale in ("metrics.csv", *(f"{name}.csv" for name in TABLES)):  # of a run that died before epoch 1
             (run_dir / stale).unlink(missing_ok=True)
     metadata = {"stage": "train_importance_net", "status": "running", "arguments": args, "run_dir": str(run_dir),
-                "reward_column": dm.reward_column, "tokenizer": fingerprint, "dump_metadata": meta,
-                "counts": dm.counts, "baseline_f": baseline_f, "started": started, **provenance()}
+                "reward_column": dm.reward_column, "likelihood": resolved, "tokenizer": fingerprint,
+                "dump_metadata": meta, "counts": dm.counts, "baseline_f": baseline_f, "initial_value": init_value,
+                "started": started, **provenance()}
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
-    trainer, best = _fit(module, dm, run_dir, resume_from, max_epochs=max_epochs, accelerator=accelerator,
-                         devices=_devices(devices), precision=precision)
+    trainer, chosen = _fit(module, dm, run_dir, resume_from, patience, max_epochs=max_epochs, accelerator=accelerator,
+                           devices=_devices(devices), precision=precision)
     final = module.val_summary
     if not is_rank_zero:
         return final
 
+    validation = {"likelihood": resolved, "units": final["units"], "gain": final["gain"],
+                  "gain_ci95": final["gain_ci95"], "pairs": final["pairs"], "prompts": final["prompts"],
+                  "loss": final["loss"], "baseline_loss": final["baseline_loss"], "chosen": chosen}
     export_dir = save_export(module.net, run_dir / "export", tokenizer=fingerprint, reward_key=dm.reward_column,
-                             group_stats=group_stats, baseline_f=baseline_f)
+                             group_stats=group_stats, likelihood=resolved, baseline_f=baseline_f,
+                             validation=validation)
     plot_calibration(final["calibration"], run_dir / "calibration.png")
     plot_f_by_position(final["f_by_position"], run_dir / "f_by_position.png")
     if report_examples > 0:
         write_report(load(export_dir), tokenizer, _report_examples(dm, report_examples), run_dir / "report.html")
     metadata.update(status="done", finished=now_iso(), runtime_s=round(time.time() - t0, 2),
-                    epochs_trained=trainer.current_epoch, best_checkpoint=best,
-                    export=str(export_dir), final=final)
+                    epochs_trained=trainer.current_epoch, chosen=chosen, export=str(export_dir),
+                    features_computed_rank0=module.features_computed, validation=validation, final=final)
     write_json(run_dir / "metadata.json", metadata)
-    return {"run_dir": str(run_dir), "export": str(export_dir), **final}
+    return {"run_dir": str(run_dir), "export": str(export_dir), "chosen": chosen, **final}
