@@ -18,6 +18,7 @@ from pipeline.grpo.config import IMPORTANCE_SOURCES, SCALE_REWARDS
 from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
+from pipeline.importance.loss import LIKELIHOODS
 from pipeline.models import DEFAULT_MODEL
 
 
@@ -100,6 +101,8 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("online_lr", type=float, default=1e-2, help="online: the head's learning rate.")
 @option("online_heldout_fraction", type=float, default=0.2,
         help="online: share of prompts whose pairs only judge the head against the constant f.")
+@option("online_likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default="auto",
+        help="online: the pair loss, as stage 2's --likelihood (auto: bernoulli for 0/1 rewards, else gaussian).")
 @run_stage
 def main(**kwargs) -> None:
     """GRPO with per-token weights from the importance network, prompts drawn by a curriculum sampler."""

@@ -12,6 +12,7 @@ from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.policy import check_precision
 from pipeline.grpo.softmask import SOFTMASKS
+from pipeline.importance.loss import LIKELIHOODS
 
 NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -83,6 +84,7 @@ class GRPOArgs:
     online_refit_iters: int = 25
     online_lr: float = 1e-2
     online_heldout_fraction: float = 0.2
+    online_likelihood: str = "auto"
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
@@ -134,3 +136,6 @@ def _validate_online(args: GRPOArgs) -> None:
         raise UserError("need --online_refit_every >= 1, --online_refit_iters >= 1 and --online_buffer_size >= 2")
     if not args.online_lr > 0 or not 0 < args.online_heldout_fraction < 1:
         raise UserError("need --online_lr > 0 and 0 < --online_heldout_fraction < 1")
+    if args.online_likelihood not in ("auto", *LIKELIHOODS):
+        raise UserError(f"--online_likelihood must be auto or one of {', '.join(LIKELIHOODS)}, "
+                        f"got '{args.online_likelihood}'")

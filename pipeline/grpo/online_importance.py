@@ -1,14 +1,16 @@
 """Online importance: f read from the live policy's own hidden states, refit every k steps on recent pairs.
 
 Stage 2 fits f once, on the initial model's rollouts, and the offline soft mask then pays a second
-model's forward per completion while the policy drifts from what f was fitted on. Here a small head
-reads the hidden states that the policy's log-prob forward already computed (``completion_outputs``),
-detached, so its fit never reaches the policy; it is refit by the stage-2 pair likelihood on a replay
-buffer of the run's most recent pairs (groups drawn as sister pairs, ``paired_rollout``). Stage 2's
-rules hold: m_q and v_q pooled per prompt (here over the buffer), f(0) = 0 and f(len) = 1 pinned,
-held-out pairs by prompt, and the gain over the best constant f with a bootstrap CI over held-out
-prompts. Until the head beats the constant there (the rule of the offline guard, ``gain_is_positive``),
-the loss weights fall back to uniform. Maths and options: docs/online_importance.md.
+model's forward per completion while the policy drifts from what f was fitted on. Here stage 2's
+head (``NetConfig``: form, pinned ends, position features) reads the hidden states that the policy's
+log-prob forward already computed (``completion_outputs``), detached, so its fit never reaches the
+policy; it is refit by the stage-2 pair likelihood on a replay buffer of the run's most recent pairs
+(groups drawn as sister pairs, ``paired_rollout``). Stage 2's rules hold: m_q and v_q pooled per
+prompt (here over the buffer), held-out pairs by prompt, the gain over the best constant f with a
+bootstrap CI over held-out prompts (``ValidationStats``). Until the head beats the constant there
+(the offline guard's rule, ``gain_is_positive``, over at least ``MIN_HELDOUT_PROMPTS`` held-out
+prompts), the loss weights fall back to uniform.
+Maths and options: docs/online_importance.md.
 """
 
 from __future__ import annotations
@@ -30,18 +32,22 @@ from pipeline.errors import UserError
 from pipeline.grpo.importance_guard import gain_is_positive
 from pipeline.grpo.paired_rollout import Pairing
 from pipeline.grpo.softmask import soft_mask_weights, weight_stats
-from pipeline.importance.data import VAR_EPS
-from pipeline.importance.loss import F_MAX, best_constant_f, pair_nll
+from pipeline.importance.data import TARGETS, VAR_EPS
+from pipeline.importance.forms import curve, f_along
+from pipeline.importance.loss import LIKELIHOODS, is_binary, resolve_likelihood
+from pipeline.importance.metrics import ValidationStats
+from pipeline.importance.model import NetConfig, head_logits, make_head, start_head
+from pipeline.importance.train import starting_point
 
 if TYPE_CHECKING:
     from pipeline.grpo.config import GRPOArgs
 
 log = logging.getLogger(__name__)
 HELDOUT_STREAM = 0x4E1D  # the held-out prompts' random stream, apart from every sampling seed
-BOOTSTRAP_SAMPLES = 2000
+MIN_HELDOUT_PROMPTS = 4  # fewer held-out prompts give no usable bootstrap CI: the head is not judged yet
+SPLIT_QUANTILE = 0.9  # t_max: this quantile of the buffer's sister-A lengths (stage 1's default rule)
 META = {"prompt_id": torch.long, "r1": torch.float64, "r2": torch.float64, "split": torch.long,
         "length": torch.long, "degenerate": torch.bool, "step": torch.long}  # length: sister A's tokens
-SPLIT_QUANTILE = 0.9  # t_max: this quantile of the buffer's sister-A lengths (stage 1's default rule)
 
 
 @dataclass(frozen=True)
@@ -52,15 +58,16 @@ class OnlineOptions:
     lr: float = 1e-2
     weight_decay: float = 0.01
     heldout_fraction: float = 0.2  # share of prompts whose pairs only judge the head
-    head_hidden: int = 0  # 0: a linear head; > 0: one hidden layer of that width
+    likelihood: str = "auto"  # stage 2's rule: bernoulli for 0/1 rewards, else gaussian; or one of LIKELIHOODS
     seed: int = 0
 
 
 class PairBuffer:
     """The run's most recent ``capacity`` pairs: prompt, rewards, split, A's length, step, and the states f(t) reads.
 
-    A pair's states are the policy's hidden state at its split t (one row; none when t = 0, where f is
-    pinned to 0, or for a degenerate pair, which carries no information), as the step's forward saw it.
+    A pair's states are the policy's hidden states that its f(t) reads, as the step's forward saw them:
+    the state at u = t for the direct form, those at u = 1..t for the monotone one (none when t = 0,
+    where f is pinned to 0, or for a degenerate pair, which carries no information).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -85,7 +92,7 @@ class PairBuffer:
 
 
 def pooled_targets(meta: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-    """Standardised rewards of every pair, with m_q and v_q pooled per prompt over the buffer; informative pairs.
+    """Stage 2's targets of every pair, m_q and v_q pooled per prompt over the buffer; which pairs are informative.
 
     Stage 2's ``--group_stats prompt`` rule: every finite reward of the prompt counts (both sisters,
     degenerate pairs too), v_q with ddof = 1. Informative: not degenerate, finite rewards, v_q > VAR_EPS.
@@ -107,52 +114,37 @@ def pooled_targets(meta: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
 
 def heldout_prompts(prompt_ids: Tensor, seed: int, fraction: float) -> Tensor:
     """Whether each pair's prompt is held out: a fixed draw per (seed, prompt), whatever step it comes in."""
-    draws = {int(p): np.random.default_rng([seed, int(p), HELDOUT_STREAM]).random() < fraction
+    draws = {p: np.random.default_rng([seed, p, HELDOUT_STREAM]).random() < fraction
              for p in torch.unique(prompt_ids).tolist()}
-    return torch.tensor([draws[int(p)] for p in prompt_ids.tolist()], dtype=torch.bool)
-
-
-def gain_ci(by_prompt: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the gain per pair, resampling held-out prompts (rows: pairs, loss, baseline)."""
-    rows = by_prompt[by_prompt[:, 0] > 0]
-    if len(rows) == 0:
-        return float("nan"), float("nan")
-    draws = np.random.default_rng(seed).integers(0, len(rows), size=(BOOTSTRAP_SAMPLES, len(rows)))
-    totals = rows[draws].sum(1)
-    lo, hi = np.percentile((totals[:, 2] - totals[:, 1]) / totals[:, 0], [2.5, 97.5])
-    return float(lo), float(hi)
+    return torch.tensor([draws[p] for p in prompt_ids.tolist()], dtype=torch.bool)
 
 
 class OnlineHead(nn.Module):
-    """a(u) from the policy's hidden state at completion position u; f(u) = F_MAX * sigmoid(a(u))."""
+    """Stage 2's head and form (``NetConfig``: form, pinned end, position features) on the policy's states."""
 
-    def __init__(self, hidden_size: int, head_hidden: int = 0) -> None:
+    def __init__(self, hidden_size: int, config: NetConfig) -> None:
         super().__init__()
-        self.head = (nn.Linear(hidden_size, 1) if head_hidden <= 0 else
-                     nn.Sequential(nn.Linear(hidden_size, head_hidden), nn.GELU(), nn.Linear(head_hidden, 1)))
+        self.config = config
+        self.head = make_head(hidden_size, config)
 
-    def f(self, states: Tensor) -> Tensor:
-        return F_MAX * torch.sigmoid(self.head(states.float()).squeeze(-1))
-
-    def start_at(self, value: float) -> None:
-        """The constant ``value`` everywhere: training adds what depends on the state."""
-        last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
-        p = min(max(value / F_MAX, 0.02), 0.98)
-        with torch.no_grad():
-            last.weight.zero_()
-            last.bias.fill_(float(np.log(p / (1 - p))))
+    def logits(self, states: Tensor, u: Tensor) -> Tensor:
+        return head_logits(self.head, states.float(), u, self.config.position_features)
 
     def curve(self, states: Tensor, lengths: Tensor) -> Tensor:
-        """(B, T + 1) f(0..T) from the states (B, T + 1, H) of right-padded completions of ``lengths`` tokens:
-        f(0) = 0, f(len) = 1 and f(len) repeated past the end, the head's f in between."""
-        f = torch.cat([torch.zeros_like(states[:, :1, 0], dtype=torch.float32), self.f(states[:, 1:])], dim=1)
-        steps = torch.arange(f.size(1), device=f.device)
-        end = lengths.to(f.device).unsqueeze(1)
-        return torch.where((steps >= end) & (end > 0), torch.ones_like(f), f)
+        """(B, T + 1) f(0..T) from the states (B, T + 1, H) of right-padded completions of ``lengths`` tokens."""
+        u = torch.arange(1, states.size(1), device=states.device).expand(states.size(0), -1)
+        return curve(f_along(self.config.form, self.logits(states[:, 1:], u)), lengths, self.config.pin_end)
+
+    def pair_f(self, states: Tensor, pair: Tensor, u: Tensor, split: Tensor) -> Tensor:
+        """f(t) of pairs from their states (``pair``: the pair of each state, ``u``: its position); 0 at t = 0."""
+        logits = torch.full((len(split), max(int(split.max()), 1)), float("-inf"), device=split.device)
+        logits = logits.index_put((pair, u - 1), self.logits(states, u))  # -inf: no hazard, sigmoid 0
+        f = f_along(self.config.form, logits).gather(1, (split - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        return torch.where(split > 0, f, torch.zeros_like(f))
 
 
-def warm_start_head(export: str | Path, hidden_size: int, fingerprint: dict[str, Any]) -> tuple[dict[str, Tensor], int]:
-    """A stage-2 export's head weights and hidden width, checked against the policy's tokenizer and width."""
+def warm_start(export: str | Path, hidden_size: int, fingerprint: dict[str, Any]) -> tuple[NetConfig, dict | None]:
+    """A stage-2 export's design and head weights (None when its chosen candidate was the constant f)."""
     from pipeline.importance.export import CONFIG_FILE, WEIGHTS_FILE
 
     path = Path(export)
@@ -162,33 +154,36 @@ def warm_start_head(export: str | Path, hidden_size: int, fingerprint: dict[str,
     if info.get("tokenizer") != fingerprint:
         raise UserError(f"importance net '{path}' was trained with another tokenizer than the policy: "
                         "train it on a dump of this model, or drop --importance_net to start from a constant")
+    config = NetConfig(**info["net"])
     weights = {name.removeprefix("head."): tensor for name, tensor in load_file(path / WEIGHTS_FILE).items()
                if name.startswith("head.")}
-    width = weights["weight" if "weight" in weights else "0.weight"].shape[1]
-    if width != hidden_size:
-        raise UserError(f"importance net '{path}' reads {width}-wide hidden states, the policy has {hidden_size}: "
-                        "warm-start only from an export of this model")
-    if info.get("net", {}).get("backbone_mode", "frozen") != "frozen":
+    expected = make_head(hidden_size, config).state_dict()
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in expected.items()}:
+        raise UserError(f"importance net '{path}' has a head for other hidden states than the policy's "
+                        f"({hidden_size} wide): warm-start only from an export of this model")
+    if config.constant is not None:
+        log.info("importance net '%s' kept the constant f: the online head starts from the constant", path)
+        return config, None
+    if config.backbone_mode != "frozen":
         log.warning("warning: importance net '%s' trained its backbone; its head starts the online head on "
                     "the policy's own states all the same (uniform weights until it beats the constant)", path)
-    return weights, int(info.get("net", {}).get("head_hidden", 0))
+    return config, weights
 
 
 class OnlineImportance:
     """The head, its optimizer, the pair buffer and the fallback switch; everything ``state_dict`` holds."""
 
     def __init__(self, hidden_size: int, options: OnlineOptions, device: torch.device | str,
-                 warm_start: tuple[dict[str, Tensor], int] | None = None) -> None:
+                 config: NetConfig | None = None, head_weights: dict[str, Tensor] | None = None) -> None:
         self.options, self.hidden_size = options, hidden_size
-        head_hidden = warm_start[1] if warm_start is not None else options.head_hidden
-        self.head = OnlineHead(hidden_size, head_hidden).to(device)
-        if warm_start is not None:
-            self.head.head.load_state_dict(warm_start[0])
+        self.head = OnlineHead(hidden_size, config or NetConfig(backbone="policy")).to(device)
+        if head_weights is not None:
+            self.head.head.load_state_dict(head_weights)
         else:
-            self.head.start_at(0.5)  # a placeholder constant: the first refit restarts it at the best one
+            start_head(self.head.head, self.head.config.form, 0.1)  # a placeholder until the first refit
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=options.lr, weight_decay=options.weight_decay)
         self.buffer = PairBuffer(options.buffer_size)
-        self.started = warm_start is not None  # False: the first refit starts the head at the best constant
+        self.started = head_weights is not None  # False: the first refit starts the head at the best constant
         self.fallback = True
         self._captured: dict[int, Tensor] = {}
         self._head_weights: list[Tensor] = []
@@ -207,10 +202,11 @@ class OnlineImportance:
                      pairing: Pairing) -> Callable[[Tensor, slice], Tensor]:
         """``accumulate``'s ``weights_from_states``: a micro-batch's weights, from its own forward's states.
 
-        Also keeps each pair's state at its split for the buffer, and the head's own weights for the
+        Also keeps the states each pair's f(t) reads for the buffer, and the head's own weights for the
         log (what it would do while the fallback is on).
         """
         self._captured, self._head_weights, self._lengths = {}, [], lengths.cpu()
+        monotone = self.head.config.form == "monotone"  # f(t) reads the states at u = 1..t; direct: at u = t
 
         def hook(states: Tensor, rows: slice) -> Tensor:
             part_mask = mask[rows]
@@ -221,7 +217,7 @@ class OnlineImportance:
             for row in range(rows.start + rows.start % 2, rows.stop, 2):  # sister A rows of this micro-batch
                 t = int(pairing.split[row])
                 if t > 0 and not pairing.degenerate[row]:
-                    self._captured[row] = states[row - rows.start, t:t + 1].clone()
+                    self._captured[row] = states[row - rows.start, (1 if monotone else t):t + 1].clone()
             return soft_mask_weights("none", part_mask) if self.fallback else head_weights
 
         return hook
@@ -242,76 +238,80 @@ class OnlineImportance:
         if gather is not None:
             meta, states = _gathered(meta, states, self.hidden_size, mask.device, gather)
         self.buffer.add(meta, states)
-        concentration = weight_stats(torch.cat(self._head_weights), mask)["top20_mass"] if self._head_weights \
-            else float("nan")
+        concentration = (weight_stats(torch.cat(self._head_weights), mask)["top20_mass"] if self._head_weights
+                         else float("nan"))
         if step % self.options.refit_every == 0:
             self.refit()
         judged = self.judge()
         self.fallback = not gain_is_positive(judged if np.isfinite(judged["gain"]) else None)
-        return {"online/buffer_pairs": float(len(self.buffer)), "online/top20_mass": concentration,
-                "online/fallback": float(self.fallback), **{f"online/{k}": v for k, v in judged.items()
-                                                            if k != "gain_ci95"},
-                "online/gain_lo": judged["gain_ci95"][0], "online/gain_hi": judged["gain_ci95"][1]}
+        lo, hi = judged["gain_ci95"]
+        return {"online/buffer_pairs": float(len(self.buffer)), "online/train_pairs": judged["train_pairs"],
+                "online/heldout_pairs": float(judged["pairs"]), "online/loss": judged["loss"],
+                "online/baseline_loss": judged["baseline_loss"], "online/gain": judged["gain"],
+                "online/gain_lo": lo, "online/gain_hi": hi, "online/fallback": float(self.fallback),
+                "online/top20_mass": concentration}
 
-    def _split(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        targets, informative = pooled_targets(self.buffer.meta)
-        held = heldout_prompts(self.buffer.meta["prompt_id"], self.options.seed, self.options.heldout_fraction)
-        return targets, informative & ~held, informative & held
+    def _split(self) -> tuple[Tensor, Tensor, str]:
+        """Training and held-out pairs (the informative ones, by prompt) and the likelihood for these rewards."""
+        meta = self.buffer.meta
+        _, informative = pooled_targets(meta)
+        held = heldout_prompts(meta["prompt_id"], self.options.seed, self.options.heldout_fraction)
+        binary = is_binary(meta["r1"].numpy(), meta["r2"].numpy())
+        return informative & ~held, informative & held, resolve_likelihood(self.options.likelihood, binary, "reward")
 
-    def _pair_states(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """The stored states of buffer pairs ``index`` (one row per pair with t > 0) and which pairs have one."""
+    def _batch(self, which: Tensor) -> dict[str, Tensor]:
+        """Buffer pairs ``which`` (bool) as stage 2's validation batch, plus their states flattened with the
+        pair (``state_pair``) and completion position (``u``) of each state."""
+        index = which.nonzero().squeeze(1)
+        targets, _ = pooled_targets(self.buffer.meta)
+        split, length = self.buffer.meta["split"][index], self.buffer.meta["length"][index]
+        chosen = [self.buffer.states[i] for i in index.tolist()]
+        counts = torch.tensor([len(s) for s in chosen], dtype=torch.long)
+        pair = torch.repeat_interleave(torch.arange(len(index)), counts)
+        u = split[pair] - counts[pair] + 1 + torch.arange(len(pair)) - (counts.cumsum(0) - counts)[pair]  # last: t
+        batch = {**{k: targets[k][index] for k in TARGETS}, "split": split, "u": u, "state_pair": pair,
+                 "prompt_index": torch.unique(self.buffer.meta["prompt_id"][index], return_inverse=True)[1],
+                 "relative": split / length.clamp(min=1),
+                 "states": torch.cat(chosen) if chosen else torch.empty(0, self.hidden_size)}
         device = next(self.head.parameters()).device
-        has = torch.tensor([len(self.buffer.states[i]) > 0 for i in index.tolist()], device=device)
-        states = [self.buffer.states[i] for i in index.tolist() if len(self.buffer.states[i])]
-        return (torch.cat(states).to(device) if states else torch.empty(0, self.hidden_size, device=device)), has
+        return {k: v.to(device) for k, v in batch.items()}
 
-    def _pair_f(self, states: Tensor, has: Tensor) -> Tensor:
-        """f(t) of pairs: the head's at their states, 0 at t = 0 (pinned)."""
-        f = torch.zeros(len(has), dtype=torch.float32, device=has.device)
-        return f.masked_scatter(has, self.head.f(states)).double()
+    def _pair_f(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.head.pair_f(batch["states"], batch["state_pair"], batch["u"], batch["split"])
 
-    def _baseline(self, targets: dict[str, Tensor], train: Tensor) -> float:
-        """The best constant f for t > 0 on the training pairs (f(0) = 0 is pinned for every model)."""
-        moved = train & (self.buffer.meta["split"] > 0)
-        return best_constant_f(targets["z1"][moved].numpy(), targets["z2"][moved].numpy())
+    def _starting_point(self, batch: dict[str, Tensor], likelihood: str) -> tuple[float, float]:
+        """Stage 2's (best constant f, the head's starting value) on these pairs."""
+        return starting_point(self.head.config.form, likelihood, batch["split"].cpu().numpy(),
+                              {k: batch[k].cpu().numpy() for k in TARGETS})
 
     def refit(self) -> None:
         """``refit_iters`` full-batch AdamW steps of the pair likelihood on the training pairs (deterministic)."""
-        targets, train, _ = self._split()
+        train, _, likelihood = self._split()
         if not bool((train & (self.buffer.meta["split"] > 0)).any()):
             return
+        batch = self._batch(train)
         if not self.started:
-            self.head.start_at(self._baseline(targets, train))
+            start_head(self.head.head, self.head.config.form, self._starting_point(batch, likelihood)[1])
             self.started = True
-        index = train.nonzero().squeeze(1)
-        states, has = self._pair_states(index)
-        z1, z2 = (targets[k][index].to(has.device) for k in ("z1", "z2"))
         for _ in range(self.options.refit_iters):
             self.optimizer.zero_grad(set_to_none=True)
-            pair_nll(self._pair_f(states, has), z1, z2).mean().backward()
+            LIKELIHOODS[likelihood](self._pair_f(batch), batch).mean().backward()
             self.optimizer.step()
 
     @torch.no_grad()
     def judge(self) -> dict[str, Any]:
-        """The head's and the best constant's pair loss on held-out pairs; the gain with its bootstrap CI."""
-        targets, train, held = self._split()
-        nan = float("nan")
-        if not bool(held.any()) or not bool((train & (self.buffer.meta["split"] > 0)).any()):
+        """Stage 2's validation on the held-out pairs: the head's and the best constant's loss, the gain, its CI."""
+        train, held, likelihood = self._split()
+        held_prompts = len(torch.unique(self.buffer.meta["prompt_id"][held]))
+        if held_prompts < MIN_HELDOUT_PROMPTS or not bool((train & (self.buffer.meta["split"] > 0)).any()):
+            nan = float("nan")
             return {"loss": nan, "baseline_loss": nan, "gain": nan, "gain_ci95": [nan, nan],
-                    "heldout_pairs": float(held.sum()), "train_pairs": float(train.sum())}
-        baseline_f = self._baseline(targets, train)
-        index = held.nonzero().squeeze(1)
-        z1, z2 = targets["z1"][index], targets["z2"][index]
-        loss = pair_nll(self._pair_f(*self._pair_states(index)).cpu(), z1, z2)
-        moved = self.buffer.meta["split"][index] > 0
-        baseline = pair_nll(torch.where(moved, baseline_f, 0.0).double(), z1, z2)
-        _, owner = torch.unique(self.buffer.meta["prompt_id"][index], return_inverse=True)
-        by_prompt = torch.zeros(int(owner.max()) + 1, 3, dtype=torch.float64).index_add_(
-            0, owner, torch.stack([torch.ones_like(loss), loss, baseline], dim=1)).numpy()
-        gain = float((baseline - loss).mean())
-        return {"loss": float(loss.mean()), "baseline_loss": float(baseline.mean()), "gain": gain,
-                "gain_ci95": list(gain_ci(by_prompt)), "heldout_pairs": float(len(index)),
-                "train_pairs": float(train.sum())}
+                    "pairs": int(held.sum()), "train_pairs": float(train.sum())}
+        baseline_f, _ = self._starting_point(self._batch(train), likelihood)
+        batch = self._batch(held)
+        stats = ValidationStats(likelihood, baseline_f, int(batch["prompt_index"].max()) + 1, batch["split"].device)
+        stats.update(self._pair_f(batch), batch)
+        return {**stats.summary(), "train_pairs": float(train.sum())}
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -327,20 +327,30 @@ class OnlineImportance:
 
 def _gathered(meta: dict[str, Tensor], states: list[Tensor], width: int, device: torch.device,
               gather: Callable[[Tensor], Tensor]) -> tuple[dict[str, Tensor], list[Tensor]]:
-    """Every rank's pairs, in rank order: each rank's buffer then holds the same pairs, so every rank's head is the same."""
-    present = torch.tensor([len(s) > 0 for s in states], device=device)
-    padded = torch.stack([s[0] if len(s) else torch.zeros(width, device=device) for s in states])
+    """Every rank's pairs, in rank order, so that every rank's buffer, hence its head, is the same.
+
+    ``gather`` concatenates a tensor of every rank along dim 0; states are padded to the most rows any
+    rank's pair has, and cut back to each pair's own count after.
+    """
+    counts = gather(torch.tensor([len(s) for s in states], device=device))
+    rows = max(int(counts.max()), 1)
+    padded = torch.zeros(len(states), rows, width, device=device,
+                         dtype=next((s.dtype for s in states if len(s)), torch.float32))
+    for i, s in enumerate(states):
+        padded[i, :len(s)] = s
+    padded = gather(padded)
     meta = {name: gather(value.to(device)).cpu() for name, value in meta.items()}
-    present, padded = gather(present), gather(padded)
-    return meta, [padded[i:i + 1] if present[i] else padded[i:i] for i in range(len(padded))]
+    return meta, [padded[i, :int(n)] for i, n in enumerate(counts.tolist())]
 
 
 def from_args(args: GRPOArgs, hidden_size: int, tokenizer: Any, device: torch.device) -> OnlineImportance:
-    """Stage 3's online importance: warm-started from ``--importance_net``'s head when given."""
+    """Stage 3's online importance: stage 2's default head, or ``--importance_net``'s design and head."""
     from pipeline.dump import tokenizer_fingerprint
 
     options = OnlineOptions(args.online_refit_every, args.online_buffer_size, args.online_refit_iters, args.online_lr,
-                            heldout_fraction=args.online_heldout_fraction, seed=args.seed)
-    warm = (warm_start_head(args.importance_net, hidden_size, tokenizer_fingerprint(tokenizer))
-            if args.importance_net else None)
-    return OnlineImportance(hidden_size, options, device, warm)
+                            heldout_fraction=args.online_heldout_fraction, likelihood=args.online_likelihood,
+                            seed=args.seed)
+    if not args.importance_net:
+        return OnlineImportance(hidden_size, options, device)
+    config, weights = warm_start(args.importance_net, hidden_size, tokenizer_fingerprint(tokenizer))
+    return OnlineImportance(hidden_size, options, device, config, weights)

@@ -56,6 +56,34 @@ def _layers(body: nn.Module) -> nn.ModuleList:
     raise UserError(f"cannot find the transformer layers of {type(body).__name__}: use --backbone_mode frozen or lora")
 
 
+def make_head(hidden_size: int, config: NetConfig) -> nn.Module:
+    """The head on [norm(h_u), position basis of u]: linear, or one hidden layer of ``config.head_hidden``."""
+    width = hidden_size + (len(KNOTS) if config.position_features else 0)
+    if config.head_hidden <= 0:
+        return nn.Linear(width, 1)
+    return nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
+
+
+def start_head(head: nn.Module, form: str, value: float) -> None:
+    """Zero the last layer's weights and set its bias so that the form starts at the constant ``value``."""
+    last = head if isinstance(head, nn.Linear) else head[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(initial_bias(form, value))
+
+
+def head_logits(head: nn.Module, states: Tensor, u: Tensor, with_positions: bool) -> Tensor:
+    """a(u) (...) from states (..., H) at completion positions u (...): stage 2's net and stage 3's online head."""
+    x = F.layer_norm(states, states.shape[-1:])
+    if with_positions:
+        # x sqrt(H): under Adam each weight moves about lr per step, so H unit-scale state coordinates move
+        # the logit ~sqrt(H) times faster than the 1-2 active position weights would; this evens it out
+        # (measured: without it, a step in position is learnt as a ramp).
+        basis = position_features(u).to(x.dtype) * math.sqrt(states.shape[-1])
+        x = torch.cat([x, basis], dim=-1)
+    return head(x).squeeze(-1)
+
+
 class ImportanceNet(nn.Module):
     """a(u) = head([norm(h_u), position basis of u]) per completion position u; f from ``forms.curve``."""
 
@@ -78,9 +106,7 @@ class ImportanceNet(nn.Module):
         elif config.backbone_mode == "lora":
             lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear")
             inject_adapter_in_model(lora, self.body)
-        width = self.body.config.hidden_size + (len(KNOTS) if config.position_features else 0)
-        self.head = (nn.Linear(width, 1) if config.head_hidden <= 0 else
-                     nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1)))
+        self.head = make_head(self.body.config.hidden_size, config)
 
     def train(self, mode: bool = True) -> ImportanceNet:
         """A frozen body stays in eval mode: no dropout, so its features are a fixed function."""
@@ -92,10 +118,7 @@ class ImportanceNet(nn.Module):
     def init_head(self, value: float) -> None:
         """Start at a constant (f = value, or hazard rate = value for the monotone form): training adds what
         depends on the prefix."""
-        last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
-        with torch.no_grad():
-            last.weight.zero_()
-            last.bias.fill_(initial_bias(self.config.form, value))
+        start_head(self.head, self.config.form, value)
 
     @property
     def device(self) -> torch.device:
@@ -107,14 +130,7 @@ class ImportanceNet(nn.Module):
 
     def logits(self, states: Tensor, u: Tensor) -> Tensor:
         """a(u) (R, W) from states (R, W, H) at completion positions u (R, W), u = tokens in the prefix."""
-        x = F.layer_norm(states, states.shape[-1:])
-        if self.config.position_features:
-            # x sqrt(H): under Adam each weight moves about lr per step, so H unit-scale state coordinates move
-            # the logit ~sqrt(H) times faster than the 1-2 active position weights would; this evens it out
-            # (measured: without it, a step in position is learnt as a ramp).
-            basis = position_features(u).to(x.dtype) * math.sqrt(states.shape[-1])
-            x = torch.cat([x, basis], dim=-1)
-        return self.head(x).squeeze(-1)
+        return head_logits(self.head, states, u, self.config.position_features)
 
     def inner_f(self, states: Tensor, u: Tensor) -> Tensor:
         """f(u) (R, W) of the form at positions u, before the ends are pinned."""

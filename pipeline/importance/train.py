@@ -144,19 +144,19 @@ def _targets(pairs: Pairs) -> dict[str, np.ndarray]:
     return {"z1": pairs.z1, "z2": pairs.z2, "r1": pairs.r1, "r2": pairs.r2, "p": pairs.mean}
 
 
-def starting_point(form: str, likelihood: str, train: Pairs) -> tuple[float, float]:
+def starting_point(form: str, likelihood: str, split: np.ndarray, targets: dict[str, np.ndarray]) -> tuple[float, float]:
     """(baseline f, initial value of the head) fitted on the training pairs.
 
     The baseline is the best constant for t > 0 (f(0) = 0 is pinned for every model, so pairs at t = 0
     carry no information about it). The direct form starts at it; the monotone form starts at the best
     constant hazard, f(t) = 1 - exp(-rate t).
     """
-    moved = train.split > 0
-    targets = {k: torch.as_tensor(v[moved], dtype=torch.float64) for k, v in _targets(train).items()}
+    moved = split > 0
+    targets = {k: torch.as_tensor(v[moved], dtype=torch.float64) for k, v in targets.items()}
     baseline = best_constant_f(likelihood, targets)
     if form == "direct":
         return baseline, baseline
-    t = torch.as_tensor(train.split[moved])
+    t = torch.as_tensor(split[moved])
     fn = LIKELIHOODS[likelihood]
     log_rate = minimise_scalar(lambda x: float(fn(constant_hazard_curve(float(np.exp(x)), t), targets).mean()),
                                float(np.log(1e-4)), float(np.log(5.0)))
@@ -263,7 +263,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
         _check_run_dir(run_dir, resume, args)
     resume_from = _checkpoints(run_dir)[-1] if resume and _checkpoints(run_dir) else None
 
-    baseline_f, init_value = starting_point(f_form, resolved, dm.train)
+    baseline_f, init_value = starting_point(f_form, resolved, dm.train.split, _targets(dm.train))
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden, f_form,
                            f_end == "pinned", position_features)
     module = ImportanceModule(net_config.to_dict(), resolved, init_value, baseline_f, lr, backbone_lr, weight_decay,

@@ -1,0 +1,188 @@
+"""Online importance: paired groups in one decode pass, the policy's own states, the head's refit and fallback."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.generation import HFBackend, Request, SamplingParams
+from pipeline.grpo.logprobs import completion_logprobs, completion_outputs, position_ids_for
+from pipeline.grpo.microbatch import PolicyBatch, accumulate
+from pipeline.grpo.online_importance import (
+    OnlineImportance,
+    OnlineOptions,
+    PairBuffer,
+    heldout_prompts,
+    pooled_targets,
+)
+from pipeline.grpo.paired_rollout import Pairing
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.rollouts import PairingConfig, Prompt, sample_pairs
+from tests.scale_batch import random_batch
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    return HFBackend(load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), batch_size=4)
+
+
+def test_sisters_in_one_pass_equal_the_two_round_continuation(backend):
+    """B shares exactly A[:t], then is what a request for prompt + A[:t] with B's seed samples."""
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    a = [Request(p, 10, seed=100 + i) for i, p in enumerate(prompts * 2)]
+    b = [Request(r.prompt_ids, 10, seed=200 + i) for i, r in enumerate(a)]
+    shared = [0, 1, 3, 5, 9, 10]
+    sisters_a, sisters_b = backend.generate_pairs(a, b, shared, params)
+    assert [c.token_ids for c in sisters_a] == [c.token_ids for c in backend.generate(a, params)]
+    for ra, rb, t, sa, sb in zip(a, b, shared, sisters_a, sisters_b, strict=True):
+        assert sb.token_ids[:t] == sa.token_ids[:t]
+        if t >= len(sa.token_ids):
+            assert sb.token_ids == sa.token_ids  # A stopped by t: B copied its stop token too
+            continue
+        (cont,) = backend.generate([Request(ra.prompt_ids + sa.token_ids[:t], 10 - t, rb.seed)], params)
+        assert sb.token_ids == sa.token_ids[:t] + cont.token_ids and sb.finish_reason == cont.finish_reason
+    assert any(sb.token_ids != sa.token_ids for sa, sb in zip(sisters_a, sisters_b, strict=True))
+
+
+def test_fixed_split_limit_takes_the_one_pass_path_with_the_same_splits(backend):
+    """sample_pairs with a fixed t_max: the same t as the two-round path, sisters from one generate_pairs call."""
+    prompts = [Prompt(i, {"prompt_id": i}, f"p{i}", [5 + i, 6, 7]) for i in range(3)]
+    cfg, params = PairingConfig(group_size=4, max_split_tokens=6), SamplingParams(max_new_tokens=8)
+    one_pass = sample_pairs(backend, prompts, params, cfg, seed=3, rng=np.random.default_rng(0))
+
+    class TwoRounds:  # the same engine without generate_pairs
+        generate = backend.generate
+
+    two_rounds = sample_pairs(TwoRounds(), prompts, params, cfg, seed=3, rng=np.random.default_rng(0))
+    assert [r["split_token_idx"] for r in one_pass] == [r["split_token_idx"] for r in two_rounds]
+    assert [r["completion"].token_ids for r in one_pass] == [r["completion"].token_ids for r in two_rounds]
+    assert [r["degenerate"] for r in one_pass] == [r["degenerate"] for r in two_rounds]
+
+
+def test_states_come_from_the_log_prob_forward(tiny_model_dir):
+    """Entry t of the states is the decoder's last hidden state at the last token of prompt + completion[:t]."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    input_ids, attention, mask = random_batch(model.config.vocab_size)
+    width = mask.size(1)
+    logps, entropy, states = completion_outputs(model, input_ids, attention, width, 0.8, True, 5, with_states=True)
+    expected_logps, expected_entropy = completion_logprobs(model, input_ids, attention, width, 0.8, True, 5)
+    assert torch.equal(logps, expected_logps) and torch.equal(entropy, expected_entropy)
+    hidden = model.model(input_ids=input_ids, attention_mask=attention,
+                         position_ids=position_ids_for(attention)).last_hidden_state
+    torch.testing.assert_close(states, hidden[:, -width - 1:], rtol=0, atol=1e-5)
+    assert not states.requires_grad
+
+
+def test_pooled_targets_follow_stage_2s_prompt_rule():
+    rng = np.random.default_rng(0)
+    n = 40
+    meta = {"prompt_id": torch.tensor(rng.integers(0, 6, n)), "r1": torch.tensor(rng.integers(0, 2, n) * 1.0),
+            "r2": torch.tensor(rng.normal(size=n)), "split": torch.tensor(rng.integers(0, 5, n)),
+            "degenerate": torch.tensor(rng.random(n) < 0.2)}
+    meta["r2"][3] = float("nan")
+    meta["r1"][meta["prompt_id"] == 5] = meta["r2"][meta["prompt_id"] == 5] = 0.5  # a zero-variance prompt
+    targets, informative = pooled_targets(meta)
+    frame = pd.DataFrame({"p": np.r_[meta["prompt_id"], meta["prompt_id"]], "r": np.r_[meta["r1"], meta["r2"]]})
+    m = frame.groupby("p")["r"].mean()[meta["prompt_id"].numpy()].to_numpy()  # pandas skips NaN, var has ddof=1
+    v = frame.groupby("p")["r"].var()[meta["prompt_id"].numpy()].to_numpy()
+    keep = informative.numpy()
+    np.testing.assert_allclose(targets["z1"].numpy()[keep], ((meta["r1"].numpy() - m) / np.sqrt(v))[keep])
+    np.testing.assert_allclose(targets["p"].numpy(), m)
+    expected = ~meta["degenerate"].numpy() & np.isfinite(meta["r2"].numpy()) & (v > 1e-10)
+    np.testing.assert_array_equal(keep, expected)
+    assert not keep[meta["prompt_id"].numpy() == 5].any() and not keep[3]
+
+
+def test_heldout_prompts_are_a_fixed_draw_per_prompt():
+    ids = torch.tensor([3, 7, 3, 11, 7, 3] * 50 + list(range(1000)))
+    held = heldout_prompts(ids, seed=1, fraction=0.25)
+    for p in (3, 7, 11):
+        assert held[ids == p].all() or not held[ids == p].any()
+    assert torch.equal(held[-1000:], heldout_prompts(torch.arange(1000), seed=1, fraction=0.25))
+    assert 0.2 < held[-1000:].float().mean() < 0.3
+    assert not torch.equal(held[-1000:], heldout_prompts(torch.arange(1000), seed=2, fraction=0.25))
+
+
+def test_buffer_keeps_the_most_recent_pairs():
+    buffer = PairBuffer(capacity=5)
+    for step in range(3):
+        meta = {"prompt_id": torch.arange(3), "r1": torch.zeros(3), "r2": torch.ones(3), "split": torch.ones(3),
+                "length": torch.full((3,), 4), "degenerate": torch.zeros(3, dtype=torch.bool),
+                "step": torch.full((3,), step)}
+        buffer.add(meta, [torch.full((1, 2), float(step * 3 + i)) for i in range(3)])
+    assert len(buffer) == 5 and buffer.meta["step"].tolist() == [1, 1, 2, 2, 2]
+    assert [float(s[0, 0]) for s in buffer.states] == [4, 5, 6, 7, 8]
+    copy = PairBuffer(capacity=5)
+    copy.load_state_dict(buffer.state_dict())
+    assert all(torch.equal(copy.meta[k], buffer.meta[k]) for k in buffer.meta) and len(copy) == 5
+
+
+def _loss_and_grads(fabric, model, batch, hook):
+    model.zero_grad(set_to_none=True)
+    options = {"beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.28, "max_completion_length": batch.completion_len,
+               "num_items_in_batch": batch.completion_mask.sum()}
+    result = accumulate(fabric, model, batch, "dapo", options, 4, 1.0, weights_from_states=hook)
+    return result, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_fallback_gives_exactly_the_plain_loss(tiny_model_dir):
+    """While the head has not beaten the constant, the online mask is the plain GRPO loss, bit for bit."""
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    model = fabric.setup(AutoModelForCausalLM.from_pretrained(tiny_model_dir).train())
+    input_ids, attention, mask = random_batch(model.config.vocab_size, rows=8)
+    batch = PolicyBatch(input_ids, attention, mask, advantages=torch.linspace(-1, 1, 8))
+    online = OnlineImportance(model.config.hidden_size, OnlineOptions(), "cpu")
+    pairing = Pairing(split=torch.tensor([2, 2, 0, 0, 5, 5, 1, 1]), degenerate=torch.zeros(8, dtype=torch.bool))
+    torch.nn.init.normal_(online.head.head.weight)  # a head that would concentrate the weights
+    assert online.fallback
+    hook = online.weights_hook("delta", 1.0, mask, mask.sum(1).long(), pairing)
+    plain, plain_grads = _loss_and_grads(fabric, model, batch, None)
+    masked, masked_grads = _loss_and_grads(fabric, model, batch, hook)
+    assert torch.equal(masked.loss, plain.loss)
+    assert all(torch.equal(masked_grads[k], plain_grads[k]) for k in plain_grads)
+    assert torch.equal(masked.weights, mask)
+    online.fallback = False
+    _, used_grads = _loss_and_grads(fabric, model, batch, online.weights_hook("delta", 1.0, mask, mask.sum(1).long(),
+                                                                               pairing))
+    assert not all(torch.equal(used_grads[k], plain_grads[k]) for k in plain_grads), "the head's weights steer"
+
+
+def _synthetic_step(online: OnlineImportance, step: int, rng: np.random.Generator, deciding: int, width: int):
+    """One step of 6 prompts x 2 pairs whose reward is a coin flipped at completion token ``deciding``.
+
+    Sisters share that coin when the split comes after it (t > deciding), else flip their own, so the
+    truth is f(t) = 0 for t <= deciding and 1 after. The "policy" states are one-hot positions: state u
+    tells the head where it is, nothing else.
+    """
+    prompts = rng.choice(24, size=6, replace=False)
+    rows = 4 * len(prompts)
+    split = np.repeat(rng.integers(0, width, size=rows // 2), 2)
+    coins = rng.integers(0, 2, size=rows).astype(float)
+    shared = split[0::2] > deciding
+    coins[1::2] = np.where(shared, coins[0::2], coins[1::2])
+    states = torch.eye(width + 1).expand(rows, -1, -1)
+    mask = torch.ones(rows, width)
+    pairing = Pairing(torch.as_tensor(split), torch.zeros(rows, dtype=torch.bool))
+    hook = online.weights_hook("delta", 1.0, mask, torch.full((rows,), width), pairing)
+    weights = torch.cat([hook(states[:8], slice(0, 8)), hook(states[8:], slice(8, rows))])
+    metrics = online.end_step(step, np.repeat(prompts, 4).tolist(), coins, pairing, mask)
+    return weights, metrics
+
+
+def test_the_head_finds_the_deciding_token_and_leaves_the_fallback():
+    width, deciding = 8, 3
+    online = OnlineImportance(width + 1, OnlineOptions(heldout_fraction=0.25, refit_iters=20, lr=0.05), "cpu")
+    rng = np.random.default_rng(0)
+    history = [_synthetic_step(online, step, rng, deciding, width) for step in range(1, 31)]
+    weights, metrics = history[-1]
+    assert metrics["online/gain"] > 0.2 and metrics["online/gain_lo"] > 0 and metrics["online/fallback"] == 0
+    f = online.head.curve(torch.eye(width + 1).unsqueeze(0), torch.tensor([width]))[0]
+    assert f[1:deciding + 1].max() < 0.2 and f[deciding + 1:].min() > 0.8
+    assert int(weights[0].argmax()) == deciding and weights[0, deciding] > 0.6 * width  # most of the credit
+    first_off = next(i for i, (_, m) in enumerate(history) if m["online/fallback"] == 0)
+    assert all(torch.equal(w, torch.ones_like(w)) for w, _ in history[:first_off + 1]), "uniform until it wins"
