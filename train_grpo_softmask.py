@@ -99,6 +99,8 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("online_buffer_size", type=int, default=1024, help="online: the most recent pairs the head is fit on.")
 @option("online_refit_iters", type=int, default=25, help="online: full-batch AdamW steps per refit.")
 @option("online_lr", type=float, default=1e-2, help="online: the head's learning rate.")
+@option("online_state_l2", type=float, default=0.1,
+        help="online: ridge penalty on the head's weights on hidden states (position weights are free).")
 @option("online_heldout_fraction", type=float, default=0.2,
         help="online: share of prompts whose pairs only judge the head against the constant f.")
 @option("online_likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default="auto",

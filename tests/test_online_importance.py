@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import rewards
 from pipeline.generation import HFBackend, Request, SamplingParams
 from pipeline.grpo.logprobs import completion_logprobs, completion_outputs, position_ids_for
 from pipeline.grpo.microbatch import PolicyBatch, accumulate
@@ -22,7 +32,11 @@ from pipeline.grpo.online_importance import (
 from pipeline.grpo.paired_rollout import Pairing
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.rollouts import PairingConfig, Prompt, sample_pairs
+from tests.grpo_launcher import DECIDING, deciding_token
 from tests.scale_batch import random_batch
+from train_grpo_softmask import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +200,71 @@ def test_the_head_finds_the_deciding_token_and_leaves_the_fallback():
     assert int(weights[0].argmax()) == deciding and weights[0, deciding] > 0.6 * width  # most of the credit
     first_off = next(i for i, (_, m) in enumerate(history) if m["online/fallback"] == 0)
     assert all(torch.equal(w, torch.ones_like(w)) for w, _ in history[:first_off + 1]), "uniform until it wins"
+
+
+# ---- stage 3 end to end on the tiny model, reward decided by completion token DECIDING -----------------------
+ONLINE = ["--task_name", "arithmetic", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "8",
+          "--eval_prompts", "1", "--num_train_prompts", "32", "--lr", "1e-5", "--rewards", "deciding_token=1",
+          "--softmask", "delta", "--importance", "online", "--online_heldout_fraction", "0.25", "--eval_every", "1000",
+          "--run_name", "online"]
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "grpo_launcher.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _online_state(run: Path) -> dict:
+    (last,) = sorted((run / "checkpoints").glob("*.ckpt"))[-1:]
+    return torch.load(last, weights_only=True)["online"]
+
+
+def test_resume_is_exact_with_the_head_and_the_buffer(tiny_model_dir, tmp_path):
+    """SIGKILL after step 3 of 6 and --resume: the same policy, metrics, head, head optimizer and buffer."""
+    base = ["--model_name", str(tiny_model_dir), *ONLINE, "--max_steps", "6", "--save_every", "1"]
+    straight = _launch(base + ["--out_dir", str(tmp_path / "straight")])
+    cut = _launch(base + ["--out_dir", str(tmp_path / "cut")])
+    run = tmp_path / "cut" / "arithmetic" / "tiny-llama" / "grpo" / "online"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "checkpoints" / "step-000003.ckpt").exists():
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGKILL)
+    cut.wait(timeout=60)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    assert 3 <= max(int(p.stem.split("-")[1]) for p in (run / "checkpoints").glob("*.ckpt")) < 6
+    resumed = _launch(base + ["--out_dir", str(tmp_path / "cut"), "--resume"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    whole = tmp_path / "straight" / "arithmetic" / "tiny-llama" / "grpo" / "online"
+    w1, w2 = (load_file(r / "policy" / "model.safetensors") for r in (whole, run))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    m1, m2 = (pd.read_csv(r / "metrics.csv") for r in (whole, run))
+    cols = ["step", "loss", "reward_mean", "grad_norm"] + [c for c in m1.columns if c.startswith("online/")]
+    pd.testing.assert_frame_equal(m1[cols], m2[cols])
+    assert m1["online/buffer_pairs"].tolist() == [8.0 * s for s in range(1, 7)]
+    s1, s2 = _online_state(whole), _online_state(run)
+    assert all(torch.equal(s1["head"][k], s2["head"][k]) for k in s1["head"])
+    assert all(torch.equal(s1["buffer"]["meta"][k], s2["buffer"]["meta"][k]) for k in s1["buffer"]["meta"])
+    assert all(torch.equal(a, b) for a, b in zip(s1["buffer"]["states"], s2["buffer"]["states"], strict=True))
+    assert s1["optimizer"]["state"][0]["step"] == s2["optimizer"]["state"][0]["step"] > 0
+
+
+@pytest.mark.slow
+def test_the_online_head_finds_the_deciding_token_of_a_real_run(tiny_model_dir, tmp_path, monkeypatch):
+    """30 steps of stage 3: f(t) jumps after completion token DECIDING and beats the constant on held-out prompts."""
+    monkeypatch.setitem(rewards.REWARDS, "deciding_token", deciding_token)
+    result = CliRunner().invoke(main, ["--model_name", str(tiny_model_dir), *ONLINE, "--max_steps", "30",
+                                       "--save_every", "30", "--out_dir", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "arithmetic" / "tiny-llama" / "grpo" / "online"
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["online/gain"].iloc[-5:].gt(0).all()
+    state = _online_state(run)
+    online = OnlineImportance(state["buffer"]["states"][0].shape[-1], OnlineOptions(), "cpu")
+    online.load_state_dict(state)
+    _, informative = pooled_targets(online.buffer.meta)
+    batch = online._batch(informative)
+    with torch.no_grad():
+        f = online._pair_f(batch)
+    by_t = [float(f[batch["split"] == t].mean()) for t in range(1, 8)]
+    assert max(by_t[:DECIDING]) < 0.6 and min(by_t[DECIDING:]) > 0.95, by_t  # f(t) for t = 1..DECIDING, then after

@@ -83,6 +83,7 @@ class GRPOArgs:
     online_buffer_size: int = 1024
     online_refit_iters: int = 25
     online_lr: float = 1e-2
+    online_state_l2: float = 0.1
     online_heldout_fraction: float = 0.2
     online_likelihood: str = "auto"
 
@@ -134,8 +135,8 @@ def _validate_online(args: GRPOArgs) -> None:
                         f"(got {args.group_size})")
     if min(args.online_refit_every, args.online_refit_iters) < 1 or args.online_buffer_size < 2:
         raise UserError("need --online_refit_every >= 1, --online_refit_iters >= 1 and --online_buffer_size >= 2")
-    if not args.online_lr > 0 or not 0 < args.online_heldout_fraction < 1:
-        raise UserError("need --online_lr > 0 and 0 < --online_heldout_fraction < 1")
+    if not args.online_lr > 0 or args.online_state_l2 < 0 or not 0 < args.online_heldout_fraction < 1:
+        raise UserError("need --online_lr > 0, --online_state_l2 >= 0 and 0 < --online_heldout_fraction < 1")
     if args.online_likelihood not in ("auto", *LIKELIHOODS):
         raise UserError(f"--online_likelihood must be auto or one of {', '.join(LIKELIHOODS)}, "
                         f"got '{args.online_likelihood}'")

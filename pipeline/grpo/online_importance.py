@@ -57,6 +57,7 @@ class OnlineOptions:
     refit_iters: int = 25  # full-batch AdamW steps per refit
     lr: float = 1e-2
     weight_decay: float = 0.01
+    state_l2: float = 0.1  # ridge on the head's weights on the hidden state: content must earn its place over position
     heldout_fraction: float = 0.2  # share of prompts whose pairs only judge the head
     likelihood: str = "auto"  # stage 2's rule: bernoulli for 0/1 rewards, else gaussian; or one of LIKELIHOODS
     seed: int = 0
@@ -124,11 +125,16 @@ class OnlineHead(nn.Module):
 
     def __init__(self, hidden_size: int, config: NetConfig) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.hidden_size = config, hidden_size
         self.head = make_head(hidden_size, config)
 
     def logits(self, states: Tensor, u: Tensor) -> Tensor:
         return head_logits(self.head, states.float(), u, self.config.position_features)
+
+    def state_norm(self) -> Tensor:
+        """Squared norm of the first layer's weights on the hidden state (not on the position basis)."""
+        first = self.head if isinstance(self.head, nn.Linear) else self.head[0]
+        return first.weight[:, :self.hidden_size].square().sum()
 
     def curve(self, states: Tensor, lengths: Tensor) -> Tensor:
         """(B, T + 1) f(0..T) from the states (B, T + 1, H) of right-padded completions of ``lengths`` tokens."""
@@ -181,7 +187,10 @@ class OnlineImportance:
             self.head.head.load_state_dict(head_weights)
         else:
             start_head(self.head.head, self.head.config.form, 0.1)  # a placeholder until the first refit
-        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        named = list(self.head.named_parameters())  # as stage 2: weight decay on weights, never on biases
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": options.weight_decay},
+             {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}], lr=options.lr)
         self.buffer = PairBuffer(options.buffer_size)
         self.started = head_weights is not None  # False: the first refit starts the head at the best constant
         self.fallback = True
@@ -295,7 +304,8 @@ class OnlineImportance:
             self.started = True
         for _ in range(self.options.refit_iters):
             self.optimizer.zero_grad(set_to_none=True)
-            LIKELIHOODS[likelihood](self._pair_f(batch), batch).mean().backward()
+            loss = LIKELIHOODS[likelihood](self._pair_f(batch), batch).mean()
+            (loss + self.options.state_l2 * self.head.state_norm()).backward()
             self.optimizer.step()
 
     @torch.no_grad()
@@ -348,8 +358,8 @@ def from_args(args: GRPOArgs, hidden_size: int, tokenizer: Any, device: torch.de
     from pipeline.dump import tokenizer_fingerprint
 
     options = OnlineOptions(args.online_refit_every, args.online_buffer_size, args.online_refit_iters, args.online_lr,
-                            heldout_fraction=args.online_heldout_fraction, likelihood=args.online_likelihood,
-                            seed=args.seed)
+                            state_l2=args.online_state_l2, heldout_fraction=args.online_heldout_fraction,
+                            likelihood=args.online_likelihood, seed=args.seed)
     if not args.importance_net:
         return OnlineImportance(hidden_size, options, device)
     config, weights = warm_start(args.importance_net, hidden_size, tokenizer_fingerprint(tokenizer))
