@@ -1,5 +1,6 @@
 """Stage 3: our GRPO step (``--softmask none``) against TRL's GRPOTrainer doing the same work, and
-``--softmask delta`` against ``none``, side by side in one process on the embedded model.
+``--softmask delta`` (offline importance net, and ``--importance online``) against ``none``, side by
+side in one process on the embedded model.
 
 Same settings for all three: the same prompts in the same order (P per step), G completions each,
 ``max_new_tokens`` = TRL's ``max_completion_length``, temperature 1, lr 1e-6, beta 0 (no reference
@@ -11,8 +12,8 @@ GRPOConfig turns it on by default; ours has none, so it is turned off for the sa
 TRL's ``train()`` runs the loop; a callback times each TRL step (``on_step_begin`` ->
 ``on_step_end``: generation, rewards, loss, backward, optimizer step) and runs our two trainers'
 ``Trainer.training_step`` for the same prompts between TRL's steps, the order reversed every
-step (TRL, none, delta / delta, none, TRL). Step 1 of each variant is a warm-up and is left out.
-Targets (issue): ours / TRL <= 1.0, delta / none <= 1.10.
+step (TRL, none, delta, online / online, delta, none, TRL). Step 1 of each variant is a warm-up and is
+left out. Targets (issues): ours / TRL <= 1.0, delta / none <= 1.10, online / none <= 1.03.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from benchmarks.timing import Check, load_average, median, ratio, timed_method
 
 TARGET_TRL = 1.0
 TARGET_DELTA = 1.10
+TARGET_ONLINE = 1.03
+VARIANTS = ("none", "delta", "online")  # ours; "online" is --softmask delta --importance online
 
 
 @dataclass
@@ -57,7 +60,7 @@ def importance_export(ctx: Context) -> tuple[str, str]:
     return str(path), "untrained export (frozen backbone + random linear head): same cost as a trained one"
 
 
-def our_trainer(ctx: Context, cfg: Config, softmask: str, export: str | None):
+def our_trainer(ctx: Context, cfg: Config, softmask: str, export: str | None, importance: str = "offline"):
     from pipeline.grpo.config import GRPOArgs
     from pipeline.grpo.train import Trainer
 
@@ -67,7 +70,8 @@ def our_trainer(ctx: Context, cfg: Config, softmask: str, export: str | None):
                     prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, max_steps=steps,
                     max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, loss_type="dapo", beta=0.0,
                     lr=1e-6, batch_size=max(64, cfg.prompts_per_step * cfg.group_size), seed=cfg.seed,
-                    out_dir=str(ctx.workdir / "stage3"), run_name=f"ours-{softmask}")
+                    out_dir=str(ctx.workdir / "stage3"), run_name=f"ours-{softmask}-{importance}",
+                    importance=importance)
     return Trainer(args)
 
 
@@ -75,10 +79,10 @@ def trl_reward(weights: dict[str, float], columns: list[str]):
     """Our weighted task reward with TRL's reward-function signature (conversational completions)."""
     from pipeline.scoring import score
 
-    def reward(prompts, completions, **kwargs):
+    def reward(prompts, completions, completion_ids, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        batch = score(weights, [""] * len(texts), texts, {k: kwargs[k] for k in columns if k in kwargs})
-        return np.nansum([w * batch.per_function[n] for n, w in weights.items()], axis=0).tolist()
+        rows = [{k: kwargs[k][i] for k in columns if k in kwargs} for i in range(len(texts))]
+        return score(weights, rows, [""] * len(texts), texts, completion_ids).total.tolist()
 
     reward.__name__ = "task_reward"
     return reward
@@ -93,11 +97,12 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
 
     load_before = load_average()
     export, export_note = importance_export(ctx)
-    ours = {"none": our_trainer(ctx, cfg, "none", None), "delta": our_trainer(ctx, cfg, "delta", export)}
+    ours = {"none": our_trainer(ctx, cfg, "none", None), "delta": our_trainer(ctx, cfg, "delta", export),
+            "online": our_trainer(ctx, cfg, "delta", None, importance="online")}
     importance_s: dict[str, float] = {}
     timed_method(ours["delta"].importance, "score_padded", importance_s, "score_padded")
     rows = ours["none"].rows
-    assert rows == ours["delta"].rows
+    assert rows == ours["delta"].rows == ours["online"].rows
     P, G = cfg.prompts_per_step, cfg.group_size
     columns = sorted({k for row in rows for k in row} - {"question"})
     dataset = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": row["question"]}],
@@ -136,7 +141,7 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
         def on_step_begin(self, args, state, control, **kwargs):
             step = state.global_step
             if step % 2 == 1:
-                run_ours(step, ["delta", "none"])
+                run_ours(step, list(reversed(VARIANTS)))
             trl_gen.clear()
             self.t0 = time.perf_counter()
 
@@ -146,7 +151,7 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
             samples.append({"variant": "trl", "step": step, "seconds": seconds,
                             "generation_s": trl_gen.get("generate", float("nan"))})
             if step % 2 == 0:
-                run_ours(step, ["none", "delta"])
+                run_ours(step, list(VARIANTS))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self.logs.append(dict(logs or {}))
@@ -188,7 +193,7 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"config": asdict(cfg), "importance_export": export, "export_note": export_note,
                                "same_prompt_token_ids": same_prompts, "samples": samples,
                                "completions_per_step": P * G}
-    for v in ("trl", "none", "delta"):
+    for v in ("trl", *VARIANTS):
         rows_v = by(v)
         secs = [s["seconds"] for s in rows_v]
         gens = [s["generation_s"] for s in rows_v]
@@ -201,6 +206,8 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
     summary["ratio_delta_over_none_per_step"] = step_ratio("delta", "none")
     summary["ratio_ours_over_trl"] = median(summary["ratio_ours_over_trl_per_step"])
     summary["ratio_delta_over_none"] = median(summary["ratio_delta_over_none_per_step"])
+    summary["ratio_online_over_none_per_step"] = step_ratio("online", "none")
+    summary["ratio_online_over_none"] = median(summary["ratio_online_over_none_per_step"])
     summary["ratio_ours_over_trl_excl_generation"] = ratio(summary["none"]["median_rest_s"],
                                                            summary["trl"]["median_rest_s"])
     summary["ratio_generation_ours_over_trl"] = ratio(summary["none"]["median_generation_s"],
@@ -210,6 +217,8 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
         Check("stage3 ours(none) / TRL step time", summary["ratio_ours_over_trl"], TARGET_TRL, "<=",
               f"median of {cfg.steps} interleaved steps").to_dict(),
         Check("stage3 delta / none step time", summary["ratio_delta_over_none"], TARGET_DELTA, "<=",
+              f"median of {cfg.steps} interleaved steps").to_dict(),
+        Check("stage3 online delta / none step time", summary["ratio_online_over_none"], TARGET_ONLINE, "<=",
               f"median of {cfg.steps} interleaved steps").to_dict(),
     ]
     return summary
@@ -221,8 +230,9 @@ def rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
                        f"completions, max_new_tokens {c['max_new_tokens']}, {c['steps']} steps after 1 warm-up"),
            ("same prompt token ids as TRL", s["same_prompt_token_ids"]),
            ("delta's importance net", s["export_note"])]
-    names = {"trl": "TRL GRPOTrainer", "none": "ours --softmask none", "delta": "ours --softmask delta"}
-    for v in ("trl", "none", "delta"):
+    names = {"trl": "TRL GRPOTrainer", "none": "ours --softmask none", "delta": "ours --softmask delta",
+             "online": "ours --softmask delta --importance online"}
+    for v in ("trl", *VARIANTS):
         d = s[v]
         out += [(f"{names[v]}: median step s", d["median_step_s"]),
                 (f"{names[v]}:   generation s", d["median_generation_s"]),
@@ -236,5 +246,7 @@ def rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
             ("  without generation, ours / TRL (medians)", s["ratio_ours_over_trl_excl_generation"]),
             ("delta / none (median of per-step ratios)", s["ratio_delta_over_none"]),
             ("  per-step", ", ".join(f"{x:.3f}" for x in s["ratio_delta_over_none_per_step"])),
+            ("online / none (median of per-step ratios)", s["ratio_online_over_none"]),
+            ("  per-step", ", ".join(f"{x:.3f}" for x in s["ratio_online_over_none_per_step"])),
             ("load average before / after", f"{s['load_average_before']} / {s['load_average_after']}")]
     return out
