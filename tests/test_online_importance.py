@@ -268,3 +268,53 @@ def test_the_online_head_finds_the_deciding_token_of_a_real_run(tiny_model_dir, 
         f = online._pair_f(batch)
     by_t = [float(f[batch["split"] == t].mean()) for t in range(1, 8)]
     assert max(by_t[:DECIDING]) < 0.6 and min(by_t[DECIDING:]) > 0.95, by_t  # f(t) for t = 1..DECIDING, then after
+
+
+# ---- what pairing does to GRPO's group statistics (docs/online_importance.md) -----------------------------------
+def test_group_statistics_of_paired_groups_match_the_docs():
+    """Binary rewards, sisters correlated rho: Var(mean) = s2 (1 + rho) / G, E[group var] = s2 (1 - rho / (G - 1)),
+    and P(all G equal) = (p^2 + rho pq)^(G/2) + (q^2 + rho pq)^(G/2)."""
+    rng = np.random.default_rng(0)
+    G, p, rho, n = 8, 0.3, 0.5, 400_000
+    a = rng.random((n, G // 2)) < p
+    b = np.where(rng.random((n, G // 2)) < rho, a, rng.random((n, G // 2)) < p)  # shares A's reward w.p. rho
+    rewards = np.concatenate([a, b], axis=1).astype(float)
+    s2 = p * (1 - p)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] == pytest.approx(rho, abs=0.01)
+    assert rewards.mean(1).var() == pytest.approx(s2 * (1 + rho) / G, rel=0.02)
+    assert rewards.var(1, ddof=1).mean() == pytest.approx(s2 * (1 - rho / (G - 1)), rel=0.01)
+    same = (p * p + rho * s2) ** (G // 2) + ((1 - p) ** 2 + rho * s2) ** (G // 2)
+    assert (rewards.std(1) == 0).mean() == pytest.approx(same, rel=0.03)
+
+
+def test_pairing_shrinks_the_shared_prefix_gradient_by_g_minus_2_over_g_minus_1():
+    """Exact expectation on a two-token policy, G = 4 (two pairs), t uniform on 0..2: the mean-centred GRPO
+    term of completion i is sum_k g_k ((G - 1) / G - P(t > k) / G), g_k the policy gradient of token k."""
+    theta = np.array([0.3, -0.8])
+    prob = 1 / (1 + np.exp(-theta))  # each token is 1 with this probability, independently
+    def reward(y):
+        return y[0] + 2 * y[0] * y[1] - y[1]
+    def pi(y):
+        return np.prod(np.where(np.array(y) == 1, prob, 1 - prob))
+    def score(y):
+        return np.array(y) - prob  # d log pi / d theta_k
+    seqs = [(a, b) for a in (0, 1) for b in (0, 1)]
+    g = sum(pi(y) * reward(y) * score(y) for y in seqs)
+    # one pair: A ~ pi, t uniform on {0, 1, 2}, B = A[:t] + its own continuation
+    pairs = []
+    for y_a in seqs:
+        for t in (0, 1, 2):
+            for y_b in seqs:
+                if y_b[:t] == y_a[:t]:  # B's own tokens after the split have their policy probabilities
+                    own = np.prod([prob[k] if y_b[k] else 1 - prob[k] for k in range(t, 2)])
+                    pairs.append((pi(y_a) / 3 * own, y_a, y_b))
+    assert sum(w for w, _, _ in pairs) == pytest.approx(1.0)
+    G = 4
+    expected = np.zeros(2)
+    for w1, a1, b1 in pairs:
+        for w2, a2, b2 in pairs:
+            rewards = [reward(y) for y in (a1, b1, a2, b2)]
+            expected += w1 * w2 * (rewards[0] - np.mean(rewards)) * score(a1)
+    p_after = np.array([2 / 3, 1 / 3])  # P(t > k) for k = 0, 1
+    np.testing.assert_allclose(expected, g * ((G - 1) / G - p_after / G), atol=1e-12)
+    assert not np.allclose(expected, g * (G - 1) / G), "unpaired groups would give (G - 1) / G"
