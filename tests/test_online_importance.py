@@ -318,3 +318,17 @@ def test_pairing_shrinks_the_shared_prefix_gradient_by_g_minus_2_over_g_minus_1(
     p_after = np.array([2 / 3, 1 / 3])  # P(t > k) for k = 0, 1
     np.testing.assert_allclose(expected, g * ((G - 1) / G - p_after / G), atol=1e-12)
     assert not np.allclose(expected, g * (G - 1) / G), "unpaired groups would give (G - 1) / G"
+
+
+def test_gathered_pairs_keep_their_states_in_rank_order():
+    """Every rank's pairs, states padded for the gather and cut back: two ranks (here the same data twice)."""
+    from pipeline.grpo.online_importance import _gathered
+
+    meta = {"prompt_id": torch.tensor([4, 9]), "degenerate": torch.tensor([False, True]), "r1": torch.tensor([1.0, 0.0])}
+    states = [torch.arange(6.0).view(3, 2), torch.empty(0, 2)]
+    merged, out = _gathered(meta, states, 2, torch.device("cpu"), lambda t: torch.cat([t, t]))
+    assert merged["prompt_id"].tolist() == [4, 9, 4, 9] and merged["degenerate"].tolist() == [0, 1, 0, 1]
+    assert [len(s) for s in out] == [3, 0, 3, 0] and torch.equal(out[2], states[0])
+    buffer = PairBuffer(capacity=10)
+    buffer.add({**{k: torch.zeros(4) for k in ("r2", "split", "length", "step")}, **merged}, out)
+    assert buffer.meta["degenerate"].dtype == torch.bool and buffer.meta["degenerate"].tolist() == [False, True] * 2

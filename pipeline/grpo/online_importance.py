@@ -349,7 +349,8 @@ def _gathered(meta: dict[str, Tensor], states: list[Tensor], width: int, device:
     for i, s in enumerate(states):
         padded[i, :len(s)] = s
     padded = gather(padded)
-    meta = {name: gather(value.to(device)).cpu() for name, value in meta.items()}
+    meta = {name: gather(value.to(device, torch.uint8 if value.dtype == torch.bool else value.dtype)).cpu()
+            for name, value in meta.items()}  # bool as uint8: not every backend gathers bool
     return meta, [padded[i, :int(n)] for i, n in enumerate(counts.tolist())]
 
 
