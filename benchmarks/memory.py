@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 TARGET_RATIO = 0.25
@@ -231,19 +231,22 @@ class Config:
     predict_T: int = 1024
     predict_chunk: int = 512
     lora_r: int = 16  # peft's default targets for Qwen2: q_proj, v_proj
-    probes: list[str] = field(default_factory=lambda: ["empty", "before", "after_chunk", "after_2chunk", "after"])
 
 
-QUICK = Config(shape=SMALL.name, G=4, T=256, P=32, chunk=128)
+QUICK = Config(shape=SMALL.name, G=4, T=256, P=32, chunk=64)
+PROBES = ("empty", "before_1", "before_2", "after_1", "after_1_2chunk", "after_2", "after")
 
 
 def _probes(cfg: Config) -> dict[str, Probe]:
+    """The headline ``after`` at G x T; the cost probes at T / 2 (small ones, G = 1 or 2) differ in one thing each."""
     common = Probe(shape=cfg.shape, G=cfg.G, T=cfg.T, P=cfg.P)
     after = replace(common, micro_batch=cfg.micro_batch, chunk=cfg.chunk, checkpointing=True)
-    one_micro_batch = replace(after, G=cfg.micro_batch)
-    return {"empty": replace(common, empty=True, G=1), "before": replace(common, G=1, **BEFORE),
-            "after_chunk": one_micro_batch, "after_2chunk": replace(one_micro_batch, chunk=2 * cfg.chunk),
-            "after": after}
+    half = cfg.T // 2
+    return {"empty": replace(common, empty=True, G=1),
+            "before_1": replace(common, G=1, T=half, **BEFORE), "before_2": replace(common, G=2, T=half, **BEFORE),
+            "after_1": replace(after, G=1, T=half, micro_batch=1),
+            "after_1_2chunk": replace(after, G=1, T=half, micro_batch=1, chunk=2 * cfg.chunk),
+            "after_2": replace(after, G=2, T=half, micro_batch=2), "after": after}
 
 
 def lora_params(shape: Shape, r: int) -> int:
@@ -284,7 +287,7 @@ def predict(costs: dict[str, float], shape: Shape, cfg: Config, lora: bool) -> d
 def run(ctx: Any, cfg: Config) -> dict[str, Any]:
     probes = _probes(cfg)
     r: dict[str, Any] = {}
-    for name in cfg.probes:
+    for name in PROBES:
         probe = probes[name]
         print(f"  probe {name}: G={probe.G} T={probe.T} micro-batch={probe.micro_batch} chunk={probe.chunk} "
               f"checkpointing={probe.checkpointing} (available memory {available_bytes() / GB:.1f} GB)", flush=True)
@@ -292,18 +295,21 @@ def run(ctx: Any, cfg: Config) -> dict[str, Any]:
         print(f"    held {r[name]['held_bytes'] / GB:.2f} GB + forward/backward {r[name]['backward_bytes'] / GB:.2f} GB"
               f" / optimizer {r[name]['optimizer_bytes'] / GB:.2f} GB; step {r[name]['step_s']:.1f} s", flush=True)
     shape = SHAPES[cfg.shape]
-    params = r["empty"]["params"]
-    held = r["after"]["held_bytes"]
-    gradients = r["empty"]["backward_bytes"]
-    per_completion = r["before"]["backward_bytes"] - gradients
-    before = held + max(gradients + cfg.G * per_completion, r["after"]["optimizer_bytes"])
+    params, half = r["empty"]["params"], cfg.T // 2
+
+    def backward(name: str) -> int:
+        return r[name]["backward_bytes"]
+
+    held, optimizer = r["after"]["held_bytes"], r["after"]["optimizer_bytes"]
+    per_half_completion = backward("before_2") - backward("before_1")  # forward/backward is linear in the batch
+    before = held + max(backward("before_1") + (2 * cfg.G - 1) * per_half_completion, optimizer)
     after = r["after"]["peak_bytes"]
-    chunk_logit = (r["after_2chunk"]["backward_bytes"] - r["after_chunk"]["backward_bytes"]) / (cfg.chunk * shape.vocab)
-    activations = r["after_chunk"]["backward_bytes"] - gradients - chunk_logit * cfg.chunk * shape.vocab
-    costs = {"held_per_param": held / params, "grad_per_param": gradients / params,
-             "optimizer_per_param": r["after"]["optimizer_bytes"] / params,
-             "bytes_per_logit_before": per_completion / (cfg.T * shape.vocab), "bytes_per_chunk_logit": chunk_logit,
-             "bytes_per_activation": activations / (cfg.micro_batch * (cfg.P + cfg.T) * shape.layers * shape.hidden)}
+    chunk_logit = (backward("after_1_2chunk") - backward("after_1")) / (cfg.chunk * shape.vocab)
+    activation = (backward("after_2") - backward("after_1")) / ((cfg.P + half) * shape.layers * shape.hidden)
+    costs = {"held_per_param": held / params, "grad_per_param": backward("empty") / params,
+             "optimizer_per_param": optimizer / params,
+             "bytes_per_logit_before": per_half_completion / (half * shape.vocab), "bytes_per_chunk_logit": chunk_logit,
+             "bytes_per_activation": activation}
     predictions = {"1.5B full": predict(costs, QWEN_15B, cfg, lora=False),
                    "7B LoRA": predict(costs, QWEN_7B, cfg, lora=True)}
     summary = {"config": asdict(cfg), "probes": r, "costs": costs, "before_bytes": before, "after_bytes": after,
@@ -328,14 +334,16 @@ def rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
     out = [("model", f"{c['shape']} random weights, {p['empty']['params'] / 1e6:.0f}M parameters, fp32, CPU"),
            ("step", f"G={c['G']} completions x {c['T']} tokens (+{c['P']} prompt), dapo, AdamW, generation excluded"),
            ("empty step (one 16-token completion) GB", split("empty")),
-           ("before, G=1 measured GB", split("before")),
-           (f"before, G={c['G']} (G=1 extrapolated linearly in G) GB", s["before_bytes"] / GB),
-           (f"after, G={c['G']} measured GB (micro-batch {c['micro_batch']}, chunk {c['chunk']}, checkpointing)",
-            split("after")),
-           (f"after, G={c['micro_batch']} measured GB, chunk {c['chunk']}", split("after_chunk")),
-           (f"after, G={c['micro_batch']} measured GB, chunk {2 * c['chunk']}", split("after_2chunk")),
+           (f"before, 1 / 2 completions of {c['T'] // 2} tokens, measured GB",
+            f"{split('before_1')} / {split('before_2')}"),
+           (f"before, G={c['G']} x {c['T']} (linear in the tokens) GB", s["before_bytes"] / GB),
+           (f"after, G={c['G']} x {c['T']} measured GB (micro-batch {c['micro_batch']}, chunk {c['chunk']}, "
+            "checkpointing)", split("after")),
+           (f"after, 1 completion of {c['T'] // 2}, chunk {c['chunk']} / {2 * c['chunk']} GB",
+            f"{split('after_1')} / {split('after_1_2chunk')}"),
+           (f"after, 2 completions of {c['T'] // 2} in one micro-batch GB", split("after_2")),
            ("after / before", s["ratio"]),
-           (f"step s: before G=1 / after G={c['G']}", f"{p['before']['step_s']:.1f} / {p['after']['step_s']:.1f}"),
+           (f"step s: after G={c['G']} x {c['T']}", p["after"]["step_s"]),
            ("bytes per parameter held (fp32 weight + AdamW states) / gradients / optimizer step",
             f"{k['held_per_param']:.1f} / {k['grad_per_param']:.1f} / {k['optimizer_per_param']:.1f}"),
            ("bytes per logit element before (incl. its completion's activations)", k["bytes_per_logit_before"]),
