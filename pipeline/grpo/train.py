@@ -34,13 +34,13 @@ from pipeline.grpo.evaluation import evaluate
 from pipeline.grpo.losses import mask_truncated_completions
 from pipeline.grpo.microbatch import PolicyBatch, accumulate, score
 from pipeline.grpo.policy import (
+    build_optimizer,
     build_policy,
     build_reference,
     checkpoint_entry,
     reference_model,
     save_policy,
     setup,
-    trainable_parameters,
 )
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
 from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve
@@ -123,7 +123,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.policy = build_policy(args)
         self.reference = build_reference(args)  # None with LoRA: the policy with adapters disabled
-        optimizer = torch.optim.AdamW(trainable_parameters(self.policy), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = build_optimizer(self.policy, args)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
         self.model, self.optimizer = setup(self.fabric, self.policy, optimizer)
