@@ -36,7 +36,7 @@ from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
 from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve
 from pipeline.grpo.rollout import Experience, collect
-from pipeline.grpo.softmask import soft_mask_weights, weight_stats
+from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights, weight_stats
 from pipeline.hybrid_reward import prepare_hybrid
 from pipeline.models import load_causal_lm, load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
@@ -221,11 +221,11 @@ class Trainer:
             if self.reference is not None:
                 ref_logps, _ = completion_logprobs(self.reference, input_ids, attention, exp.completion_len,
                                                    args.temperature)
-        weights = None if args.softmask == "entropy" else self._weights(exp, mask, None)
+        weights = None if args.softmask in NEEDS_ENTROPY else self._weights(exp, mask, None)
         for _ in range(args.num_iterations):
             logps, entropies = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
                                                    args.temperature, with_entropy=True)
-            if args.softmask == "entropy":
+            if args.softmask in NEEDS_ENTROPY:
                 weights = self._weights(exp, mask, entropies)
             loss, loss_metrics = compute_policy_loss(
                 args.loss_type, logps, old_logps, advantages, mask, weights, ref_logps=ref_logps, beta=args.beta,
