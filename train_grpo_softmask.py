@@ -10,6 +10,7 @@ from pipeline.cli import (
     config_option,
     option,
     parse_levels,
+    report_to_option,
     reward_model_options,
     run_stage,
     stage_command,
@@ -76,6 +77,7 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("out_dir", default="rollout_dump")
 @option("run_name", default=None)
 @option("resume", is_flag=True, default=False, help="Continue from the run's newest checkpoint.")
+@report_to_option
 @run_stage
 def main(**kwargs) -> None:
     """GRPO with per-token weights from the importance network, prompts drawn by a curriculum sampler."""

@@ -64,11 +64,12 @@ class GRPOArgs:
     out_dir: str = "rollout_dump"
     run_name: str | None = None
     resume: bool = False
+    report_to: tuple[str, ...] = ("csv",)
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
-        skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend",
-                "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype"}
+        skip = {"out_dir", "run_name", "resume", "report_to", "devices", "num_nodes", "strategy", "batch_size",
+                "backend", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype"}
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 

@@ -34,7 +34,7 @@ from pipeline.grpo.evaluation import evaluate
 from pipeline.grpo.logprobs import completion_logprobs
 from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
-from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve
+from pipeline.grpo.reporting import RunTable, refresh_plots
 from pipeline.grpo.rollout import Experience, collect
 from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights, weight_stats
 from pipeline.hybrid_reward import prepare_hybrid
@@ -42,6 +42,7 @@ from pipeline.models import load_causal_lm, load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.scoring import parse_reward_weights
 from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
+from pipeline.trackers import make_loggers, numeric_only
 
 log = logging.getLogger(__name__)
 CKPT_GLOB = "step-*.ckpt"
@@ -92,13 +93,14 @@ class Trainer:
         validate(args)
         args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
         self.args = args
+        self.run_dir = run_dir_for(args)
         self.fabric = L.Fabric(accelerator="auto", devices=_devices(args.devices), num_nodes=args.num_nodes,
-                               strategy=args.strategy, precision=args.precision)
+                               strategy=args.strategy, precision=args.precision,
+                               loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
         self.fabric.launch()
         if args.prompts_per_step % self.fabric.world_size:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the "
                             f"{self.fabric.world_size} ranks: each rank owns whole groups")
-        self.run_dir = run_dir_for(args)
         self.tokenizer = load_tokenizer(args.model_name)
         self.importance = _load_importance(args, self.tokenizer)
         self.rows = build_rows(args.task_name, args.num_train_prompts, args.levels)
@@ -152,6 +154,8 @@ class Trainer:
                 old.unlink()
             for table in self.tables.values():
                 table.flush()
+            for logger in self.fabric.loggers:
+                logger.save()
         self.fabric.barrier()
         return path
 
@@ -272,6 +276,10 @@ class Trainer:
     def _evaluate(self) -> None:
         rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens)
         self.tables["eval"].extend([{"step": self.step, **row} for row in rows])
+        self.fabric.log_dict({f"eval/{key}/level_{row['level']}": row[key] for row in rows
+                              for key in ("accuracy", "mean_length")}, step=self.step)
+        if self.fabric.is_global_zero:
+            refresh_plots(self.tables["metrics"].frame(), self.tables["eval"].frame(), self.run_dir)
         log.info("eval step %d: %s", self.step, ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in rows))
 
     def fit(self) -> Path:
@@ -290,6 +298,8 @@ class Trainer:
         self.tables = {name: RunTable(self.run_dir / file, resume_step) for name, file in
                        (("metrics", "metrics.csv"), ("eval", "eval.csv"), ("samples", "samples.parquet"))}
         started, t0 = artifacts.now_iso(), time.perf_counter()
+        for logger in fabric.loggers:
+            logger.log_hyperparams(asdict(args))
         preempted = PreemptionFlag()
         if self.step == 0:
             self._evaluate()
@@ -300,6 +310,7 @@ class Trainer:
             self.step += 1
             self.tables["metrics"].extend([out["metrics"]])
             self.tables["samples"].extend(out["samples"])
+            fabric.log_dict(numeric_only(out["metrics"]), step=self.step)
             if fabric.is_global_zero:
                 self.tables["metrics"].flush()
             m = out["metrics"]
@@ -324,8 +335,7 @@ class Trainer:
         metrics, evals = self.tables["metrics"].frame(), self.tables["eval"].frame()
         for table in self.tables.values():
             table.flush()
-        plot_learning_curve(metrics, evals, self.run_dir / "learning_curve.png")
-        plot_curriculum(metrics, self.run_dir / "curriculum.png")
+        refresh_plots(metrics, evals, self.run_dir)
         policy_dir = self.run_dir / "policy"
         self.policy.save_pretrained(policy_dir)
         self.tokenizer.save_pretrained(policy_dir)
@@ -336,6 +346,8 @@ class Trainer:
                     "final_metrics": metrics.iloc[-1].to_dict() if not metrics.empty else {},
                     **artifacts.provenance()}
         artifacts.write_json(self.run_dir / "metadata.json", metadata)
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
         acc = ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in metadata["final_eval"])
         log.info("GRPO done: %d steps in %.1f s; final reward %.3f; eval accuracy %s. Wrote %s "
                  "(policy/, checkpoints/, metrics.csv, eval.csv, samples.parquet, learning_curve.png, "
