@@ -33,7 +33,7 @@ from pipeline.importance.model import ImportanceModule, NetConfig
 from pipeline.importance.plots import plot_calibration, plot_f_by_position
 from pipeline.importance.report import Example, write_report
 from pipeline.models import GGUF_ALIASES, load_tokenizer
-from pipeline.trackers import make_loggers
+from pipeline.trackers import make_loggers, parse_report_to
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
             "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "backbone_lr": backbone_lr,
             "precision": precision, "devices": str(devices), "accelerator": accelerator, "seed": seed,
             "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
-            "report_examples": report_examples, "report_to": list(report_to)}
+            "report_examples": report_examples, "report_to": list(parse_report_to(report_to))}
 
     is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
     if is_rank_zero:
