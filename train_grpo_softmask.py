@@ -77,6 +77,8 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("out_dir", default="rollout_dump")
 @option("run_name", default=None)
 @option("resume", is_flag=True, default=False, help="Continue from the run's newest checkpoint.")
+@option("require_importance_gain", is_flag=True, default=False,
+        help="Refuse to start when the importance net's validation gain is not above 0 (its weights are noise).")
 @report_to_option
 @run_stage
 def main(**kwargs) -> None:

@@ -11,7 +11,7 @@ from pipeline.errors import UserError
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
 
-NEEDS_IMPORTANCE = ("delta", "variance")
+NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -64,12 +64,14 @@ class GRPOArgs:
     out_dir: str = "rollout_dump"
     run_name: str | None = None
     resume: bool = False
+    require_importance_gain: bool = False
     report_to: tuple[str, ...] = ("csv",)
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
-        skip = {"out_dir", "run_name", "resume", "report_to", "devices", "num_nodes", "strategy", "batch_size",
-                "backend", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype"}
+        skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend",
+                "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype",
+                "require_importance_gain", "report_to"}
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
