@@ -41,7 +41,7 @@ from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights, weight_stat
 from pipeline.hybrid_reward import prepare_hybrid
 from pipeline.models import load_causal_lm, load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
-from pipeline.scoring import parse_reward_weights
+from pipeline.scoring import check_reward_arguments, parse_reward_weights
 from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
 from pipeline.trackers import make_loggers, numeric_only
 
@@ -108,8 +108,11 @@ class Trainer:
         self.rows = build_rows(args.task_name, args.num_train_prompts, args.levels)
         eval_levels = list(args.levels) if is_user_dataset(args.task_name) else sorted({*args.levels, HELDOUT_LEVEL})
         self.eval_rows = build_rows(args.task_name, args.eval_prompts * len(eval_levels), eval_levels, split="eval")
-        self.prompts = [render_prompt(self.tokenizer, row["question"]) for row in self.rows]
-        self.eval_prompts = [render_prompt(self.tokenizer, row["question"]) for row in self.eval_rows]
+        check_reward_arguments(args.rewards, self.rows[0])
+        check_reward_arguments(["correct"], self.rows[0], fix="the evaluation checks answers with it: add an "
+                               "`answer` or `solution` column")
+        self.prompts = [render_prompt(self.tokenizer, row) for row in self.rows]
+        self.eval_prompts = [render_prompt(self.tokenizer, row) for row in self.eval_rows]
         try:
             self.sampler = samplers.build(args.sampler, self.rows, batch_size=args.prompts_per_step,
                                           total_steps=args.max_steps, seed=args.seed, **args.sampler_params)
@@ -205,7 +208,7 @@ class Trainer:
         mine = self._my_share(indices)
         t0 = time.perf_counter()
         exp = collect(self.backend, self.tokenizer, [self.rows[i] for i in mine], [self.prompts[i] for i in mine],
-                      args.group_size, self.params, args.rewards, args.seed, self.step)
+                      args.group_size, self.params, args.rewards, args.seed, self.step, args.max_steps)
         t_gen = time.perf_counter() - t0
         all_rewards = self._gather_rewards(exp.rewards)
         rank = fabric.global_rank
@@ -246,13 +249,15 @@ class Trainer:
         logged = {"loss": loss.detach(), **loss_metrics}  # global values: this rank's shard averaged over ranks
         logged = {k: float(fabric.all_reduce(v, reduce_op="mean")) for k, v in logged.items()}
         per_prompt = np.nanmean(all_rewards.reshape(-1, args.group_size), axis=1)
-        self.sampler.update(list(indices), per_prompt.tolist())
+        scored = np.isfinite(per_prompt)  # a prompt none of whose completions got a reward teaches nothing
+        self.sampler.update([i for i, ok in zip(indices, scored, strict=True) if ok], per_prompt[scored].tolist())
         sampler_sha = self._check_sampler_agreement()
         elapsed = time.perf_counter() - t0
         levels = np.array([self.rows[i]["level"] for i in indices for _ in range(args.group_size)])
         metrics = {
-            "step": self.step + 1, "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std()),
+            **exp.reward_metrics,
+            "step": self.step + 1, "reward_mean": float(np.nanmean(all_rewards)),
+            "reward_std": float(np.nanstd(all_rewards)),
             "frac_zero_std_groups": zero_std_fraction(torch.as_tensor(all_rewards), args.group_size),
             "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
             "entropy": float((entropies * mask).sum() / mask.sum().clamp(min=1)),
@@ -260,13 +265,14 @@ class Trainer:
             "truncated_frac": float(exp.truncated.float().mean()),
             "tokens_per_s": float(exp.completion_mask.sum() / t_gen), "step_time_s": elapsed,
             "generation_time_s": t_gen, "reward_failures": sum(exp.failures.values()), "sampler_sha": sampler_sha,
-            **{f"reward_mean/level_{lv}": float(all_rewards[levels == lv].mean()) for lv in sorted(set(levels))},
+            **{f"reward_mean/level_{lv}": float(np.nanmean(all_rewards[levels == lv])) for lv in sorted(set(levels))},
             **{f"reward/{name}": float(np.nanmean(v)) for name, v in exp.per_function.items()},
             **logged,
             **{f"weights/{k}": v for k, v in weight_stats(weights, mask).items()},
             **{f"sampler/{k}": float(v) for k, v in self.sampler.probabilities().items()},
         }
-        samples = [{"step": self.step + 1, "prompt_id": self.rows[mine[i // args.group_size]]["prompt_id"],
+        samples = [{**{column: values[i] for column, values in exp.reward_extra.items() if len(values) == len(exp.texts)},
+                    "step": self.step + 1, "prompt_id": self.rows[mine[i // args.group_size]]["prompt_id"],
                     "level": self.rows[mine[i // args.group_size]]["level"],
                     "prompt": self.prompts[mine[i // args.group_size]][0], "completion": exp.texts[i],
                     "reward": float(exp.rewards[i]), "advantage": float(advantages[i]),
