@@ -10,6 +10,7 @@ from pipeline.cli import (
     config_option,
     option,
     parse_levels,
+    report_to_option,
     reward_model_options,
     run_stage,
     stage_command,
@@ -77,6 +78,9 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("out_dir", default="rollout_dump")
 @option("run_name", default=None)
 @option("resume", is_flag=True, default=False, help="Continue from the run's newest checkpoint.")
+@option("require_importance_gain", is_flag=True, default=False,
+        help="Refuse to start when the importance net's validation gain is not above 0 (its weights are noise).")
+@report_to_option
 @option("per_device_train_batch_size", type=int, default=None,
         help="Completions per forward/backward; gradients accumulate over the step [default: the whole step].")
 @option("logprob_chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,

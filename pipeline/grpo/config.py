@@ -13,7 +13,7 @@ from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.policy import check_precision
 from pipeline.grpo.softmask import SOFTMASKS
 
-NEEDS_IMPORTANCE = ("delta", "variance")
+NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -66,6 +66,8 @@ class GRPOArgs:
     out_dir: str = "rollout_dump"
     run_name: str | None = None
     resume: bool = False
+    require_importance_gain: bool = False
+    report_to: tuple[str, ...] = ("csv",)
     per_device_train_batch_size: int | None = None  # completions per forward/backward (None: the whole step)
     logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # completion positions per LM-head chunk (0: all at once)
     entropy_every: int = 1  # log the policy's entropy every N steps (0: never)
@@ -80,6 +82,7 @@ class GRPOArgs:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
         skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend",
                 "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype",
+                "require_importance_gain", "report_to",
                 "per_device_train_batch_size", "logprob_chunk_size", "entropy_every", "gradient_checkpointing"}
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
