@@ -38,6 +38,17 @@ class RunTable:
         return pd.DataFrame(self.rows)
 
 
+def window_mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics row for the steps since the last (``--logging_steps``, as TRL logs): numbers averaged,
+    ``step`` and anything else from the last step."""
+    row = dict(rows[-1])
+    for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in rows if key in r]
+            row[key] = sum(values) / len(values)
+    return row
+
+
 def plot_learning_curve(metrics: pd.DataFrame, evals: pd.DataFrame, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for column in sorted(c for c in metrics.columns if c.startswith("reward_mean/level_")):

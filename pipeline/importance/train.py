@@ -22,7 +22,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline.artifacts import ensure_writable_dir, now_iso, provenance, write_json
+from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, write_json
+from pipeline.cli import check_lightning, lightning_devices
 from pipeline.dump import read_metadata, tokenizer_fingerprint
 from pipeline.errors import UserError
 from pipeline.importance.data import PairDataModule
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 # A resumed run must see the same data and network as the one it continues.
 IDENTITY_ARGS = ("rollouts", "backbone", "reward_key", "group_stats", "val_fraction", "seed", "backbone_mode",
                  "last_k", "lora_r", "lora_alpha", "head_hidden")
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 LAST_CKPT = "last.ckpt"
 
 
@@ -116,15 +116,6 @@ def _check_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> Non
                         f"the same values, or pass a new --run_name")
 
 
-def _devices(value: str | int) -> int | str | list[int]:
-    text = str(value).strip()
-    if text.isdigit():
-        return int(text)
-    if "," in text:
-        return [int(x) for x in text.split(",") if x.strip()]
-    return text
-
-
 def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
     """Sister A of the first pair of up to ``n`` validation prompts."""
     _, first = np.unique(dm.val.prompt_id, return_index=True)
@@ -165,11 +156,10 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
         val_fraction: float = 0.1, max_epochs: int = 10, batch_size: int = 32, lr: float = 1e-2,
         backbone_lr: float = 1e-4, precision: str = "32-true", devices: str | int = 1, accelerator: str = "auto",
         seed: int = 0, run_name: str | None = None, out_dir: str | Path | None = None, resume: bool = False,
-        report_examples: int = 8) -> dict[str, Any]:
+        report_examples: int = 8, report_to: tuple[str, ...] = ("csv",)) -> dict[str, Any]:
     """Train the importance network on a stage-1 dump; returns the run summary (also in metadata.json)."""
     started, t0 = now_iso(), time.time()
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    check_lightning(quiet=True, accelerator=accelerator, devices=devices, precision=precision)
     meta = read_metadata(rollouts)
     backbone = backbone or meta.get("model_name")
     if not backbone:
@@ -185,14 +175,14 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
         raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
                         f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
     run_name = run_name or f"{backbone_mode}-{dm.reward_column}-{group_stats}"
-    run_dir = default_run_dir(rollouts, run_name, out_dir)
+    run_dir = check_writable(default_run_dir(rollouts, run_name, out_dir))
     args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
             "group_stats": group_stats, "backbone_mode": backbone_mode, "last_k": last_k, "lora_r": lora_r,
             "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
             "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "backbone_lr": backbone_lr,
             "precision": precision, "devices": str(devices), "accelerator": accelerator, "seed": seed,
             "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
-            "report_examples": report_examples}
+            "report_examples": report_examples, "report_to": list(report_to)}
 
     is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
     if is_rank_zero:
@@ -212,7 +202,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
     trainer, best = _fit(module, dm, run_dir, resume_from, max_epochs=max_epochs, accelerator=accelerator,
-                         devices=_devices(devices), precision=precision)
+                         devices=lightning_devices(devices), precision=precision)
     final = module.val_summary
     if not is_rank_zero:
         return final

@@ -12,6 +12,11 @@ from pipeline.errors import UserError
 REQUIRED = ("question", "answer")
 
 
+def _integers(column: pd.Series) -> bool:
+    numbers = pd.to_numeric(column, errors="coerce")
+    return bool(numbers.notna().all() and (numbers % 1 == 0).all())
+
+
 def load_user_dataset(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     try:
@@ -23,6 +28,9 @@ def load_user_dataset(path: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"dataset '{path}' lacks column(s) {', '.join(missing)}: each row needs question and answer")
     if frame.empty:
         raise UserError(f"dataset '{path}' is empty: add rows with question and answer")
+    if "level" in frame and not _integers(frame["level"]):
+        raise UserError(f"dataset '{path}': column 'level' must hold integers (e.g. 0, 1, 2), got "
+                        f"{frame['level'].tolist()[:3]}...: fix the column or drop it")
     name = path.stem
     frame = frame.assign(
         prompt_id=range(len(frame)),
