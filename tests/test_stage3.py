@@ -141,7 +141,7 @@ def test_resume_matches_uninterrupted_run(interrupt, tiny_model_dir, uninterrupt
 @pytest.mark.parametrize("extra, message", [
     (["--softmask", "delta"], "needs --importance_net"),
     (["--sampler", "no_such_sampler"], "no_such_sampler"),
-    (["--group_size", "1"], "--group_size must be >= 2"),
+    (["--group_size", "1"], "'--group_size': 1 is not in the range x>=2"),
     (["--softmask", "delta", "--importance_net", "/no/such/export"], "not an importance-net export"),
 ])
 def test_bad_input_exits_2_with_one_line(extra, message, tiny_model_dir, tmp_path):

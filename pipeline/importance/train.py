@@ -33,7 +33,7 @@ from pipeline.importance.metrics import TABLES, TableWriter
 from pipeline.importance.model import ImportanceModule, NetConfig
 from pipeline.importance.plots import plot_calibration, plot_f_by_position
 from pipeline.importance.report import Example, write_report
-from pipeline.models import GGUF_ALIASES, load_tokenizer
+from pipeline.models import GGUF_ALIASES, load_config, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,13 @@ def _check_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> Non
                         f"the same values, or pass a new --run_name")
 
 
+def _check_last_k(backbone: str, backbone_mode: str, last_k: int) -> None:
+    """--last_k against the backbone's depth, from its config, before the weights load."""
+    layers = getattr(load_config(backbone), "num_hidden_layers", None) if backbone_mode == "last_k" else None
+    if layers is not None and not 1 <= last_k <= layers:
+        raise UserError(f"--last_k must be in 1..{layers} for this backbone, got {last_k}")
+
+
 def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
     """Sister A of the first pair of up to ``n`` validation prompts."""
     _, first = np.unique(dm.val.prompt_id, return_index=True)
@@ -164,6 +171,8 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     backbone = backbone or meta.get("model_name")
     if not backbone:
         raise UserError(f"rollouts '{rollouts}' record no model_name: pass --backbone")
+    check_writable(default_run_dir(rollouts, run_name or "run", out_dir).parent)
+    _check_last_k(backbone, backbone_mode, last_k)
     tokenizer = load_tokenizer(backbone)
     fingerprint = tokenizer_fingerprint(tokenizer)
     check_tokenizer(meta, fingerprint, backbone, rollouts)
@@ -175,7 +184,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
         raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
                         f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
     run_name = run_name or f"{backbone_mode}-{dm.reward_column}-{group_stats}"
-    run_dir = check_writable(default_run_dir(rollouts, run_name, out_dir))
+    run_dir = default_run_dir(rollouts, run_name, out_dir)
     args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
             "group_stats": group_stats, "backbone_mode": backbone_mode, "last_k": last_k, "lora_r": lora_r,
             "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
