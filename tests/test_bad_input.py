@@ -4,7 +4,6 @@ inputs) byte for byte as it was. Most fail at parse time, before any model loads
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import re
@@ -21,21 +20,12 @@ import generate_paired_rollouts
 import train_grpo_softmask
 import train_importance_net
 from pipeline.models import load_tokenizer
+from tests.file_tree import tree_digest
 from tests.synthetic_dump import write_synthetic_dump
 
 CLIS = {"stage1": generate_paired_rollouts.main, "stage2": train_importance_net.main,
         "stage3": train_grpo_softmask.main}
 GPU = torch.cuda.is_available()
-
-
-def tree_digest(root: Path) -> str:
-    """Every directory and file under ``root``: names, and contents."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 class _CurrentStderr(logging.Handler):
