@@ -92,6 +92,12 @@ def resume_from(run_dir: Path, args: GRPOArgs) -> Path | None:
     return checkpoint
 
 
+def make_scheduler(args: GRPOArgs, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedule by name (TRL's default: linear), stepped once per training step over --max_steps."""
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup(),
+                         num_training_steps=args.max_steps)
+
+
 def _load_importance(args: GRPOArgs, tokenizer):
     if args.softmask not in NEEDS_IMPORTANCE:
         return None
@@ -152,8 +158,7 @@ class Trainer:
         self.policy = load_causal_lm(args.model_name)
         self.reference = load_causal_lm(args.model_name).eval().requires_grad_(False) if args.beta else None
         optimizer = torch.optim.AdamW(self.policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup(),
-                                       num_training_steps=args.max_steps)
+        self.scheduler = make_scheduler(args, optimizer)
         self.model, self.optimizer = self.fabric.setup(self.policy, optimizer)
         if self.reference is not None:
             self.reference = self.fabric.to_device(self.reference)
