@@ -59,6 +59,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def read_json(path: Path, fix: str) -> Any:
+    """A JSON artifact; an unreadable one is a one-line error naming the file and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"'{path}' is not readable JSON ({type(err).__name__}): {fix}") from err
+
+
 def write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 

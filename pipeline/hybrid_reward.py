@@ -14,7 +14,6 @@ yet); the ``hybrid`` entry of rewards.py then reads the configured instance via 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from pipeline.artifacts import now_iso, write_json
+from pipeline.artifacts import now_iso, read_json, write_json
 from pipeline.errors import UserError
 from pipeline.generation.base import GenerationBackend, Request, SamplingParams
 from pipeline.models import load_tokenizer, resolve_model
@@ -65,7 +64,7 @@ class HybridReward:
     def _load_calibration(self) -> dict[str, Any] | None:
         if not self.state_path.exists():
             return None
-        state = json.loads(self.state_path.read_text())
+        state = read_json(self.state_path, "delete it to calibrate again")
         if state["reward_model"] != self.reward_model:
             raise UserError(f"'{self.state_path}' holds a calibration of reward model '{state['reward_model']}', "
                             f"not '{self.reward_model}': use another output directory or delete the file")

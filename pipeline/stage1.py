@@ -95,10 +95,8 @@ def _same_arguments(work: Path, args: Stage1Args) -> bool | None:
     config_path = work / CONFIG_FILE
     if not config_path.exists():
         return None
-    try:
-        return json.loads(config_path.read_text()) == json.loads(json.dumps(args.identity()))
-    except ValueError as err:
-        raise UserError(f"'{config_path}' is not valid JSON: pass --overwrite or another --tag") from err
+    saved = artifacts.read_json(config_path, "pass --overwrite or another --tag")
+    return saved == json.loads(json.dumps(args.identity()))
 
 
 def check_work_dir(work: Path, args: Stage1Args) -> None:
@@ -207,7 +205,7 @@ def run(args: Stage1Args) -> Path:
     metadata_path = work / _metadata_name(args)
     if not todo and metadata_path.exists():  # finished: its metadata describes the run that made it
         log.info("%s is complete: nothing to generate (pass --overwrite to start over)", work)
-        metadata = json.loads(metadata_path.read_text())
+        metadata = artifacts.read_json(metadata_path, "delete it and rerun to write it again")
         if args.overwrite:
             publish(work, path, len(chunks))
         print_summary(path, metadata)

@@ -53,6 +53,11 @@ def world(tiny_model_dir, other_tokenizer_model_dir, tmp_path_factory):
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
 
     dump = out / "arithmetic" / "tiny-llama" / "rollouts_t"
+    shutil.copytree(dump, dump.with_name("rollouts_badconfig"))
+    (dump.with_name("rollouts_badconfig") / "run_config.json").write_text("{")
+    shutil.copytree(dump, dump.with_name("rollouts_badpart"))
+    part = dump.with_name("rollouts_badpart") / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:-10])
     inputs = root / "inputs"
     truncated_dump = inputs / "truncated_dump"
     shutil.copytree(dump, truncated_dump)
@@ -191,6 +196,9 @@ STAGE1 = [
     case("stage1", "--seed 1 --rewards hybrid=1 --overwrite", r"--rewards hybrid needs --reward_model"),
     case("stage1", "--overwrite --model_name {inputs}/not_a_model", r"has no config.json"),
     case("stage1", "--overwrite --levels 0,7", r"no level\(s\) \[7\]"),
+    case("stage1", "--tag badconfig", r"run_config.json' is not readable JSON .*: pass --overwrite or another --tag"),
+    case("stage1", "--tag badpart", r"rollouts_badpart/part-00000.parquet' is not a readable parquet file"),
+    case("stage1", "--config {inputs}", r"'--config'.*is a directory"),
     case("stage1", "--rm_calibration_prompts 0", rf"'--rm_calibration_prompts': 0 {RANGE}"),
     case("stage1", "--group_sise 4", r"No such option '--group_sise'"),
     case("stage1", "--group_size", r"Option '--group_size' requires an argument"),

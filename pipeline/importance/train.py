@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import time
 import warnings
@@ -22,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, write_json
+from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, read_json, write_json
 from pipeline.cli import check_lightning, lightning_devices
 from pipeline.dump import read_metadata, tokenizer_fingerprint
 from pipeline.errors import UserError
@@ -109,7 +108,8 @@ def _check_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> Non
         log.info("--resume: no checkpoint in '%s' yet, starting the run from the beginning", run_dir)
         return
     meta_path = run_dir / "metadata.json"
-    previous = json.loads(meta_path.read_text()).get("arguments", {}) if meta_path.is_file() else {}
+    previous = read_json(meta_path, "restore it, or pass a new --run_name").get("arguments", {}) \
+        if meta_path.is_file() else {}
     changed = [k for k in IDENTITY_ARGS if k in previous and previous[k] != identity[k]]
     if changed:
         raise UserError(f"--resume: {', '.join(changed)} differ from the run in '{run_dir}': resume with "
