@@ -1,22 +1,23 @@
 """Shared CLI plumbing for the three stages: option spellings, ``--config`` files, validated value types,
 and one-line errors with exit code 2 for anything the user can fix.
 
-Every option is declared with ``option(name, ..., aliases=(...))``: ``--model_name``, ``--model-name`` and each
-alias (TRL's names, e.g. ``aliases=("num_generations",)``) set the same parameter, and a ``--config`` YAML file
-may use any of these spellings as keys.
+Every option is declared with ``option(name, aliases=(...), type=..., ...)``: ``--model_name``,
+``--model-name`` and each alias (TRL's names, e.g. ``aliases=("num_generations",)``) set the same parameter,
+errors name the seed spelling, and a ``--config`` YAML file may use any of these spellings as keys.
 
-Every value is checked at parse time by one of the shared types below (new options use them too, so that bad
-input fails before any model loads or anything is written):
+Every value is checked at parse time by one of the shared types below. New options use them too, so that
+bad input fails before any model loads or anything is written (tests/test_bad_input.py holds the cases):
 
 - counts and sizes: ``POSITIVE_INT`` (>= 1), ``NON_NEGATIVE_INT`` (>= 0), ``int_at_least(n)``;
 - real numbers, always finite: ``POSITIVE_FLOAT`` (> 0), ``NON_NEGATIVE_FLOAT`` (>= 0, e.g. learning rates),
-  ``UNIT_INTERVAL`` [0, 1] (quantiles, strengths), ``OPEN_UNIT_INTERVAL`` (0, 1] (``top_p``, memory shares),
-  ``FRACTION`` (0, 1);
-- ``LEVELS`` (non-empty comma-separated levels >= 0), ``RUN_NAME`` (one directory name), ``MAPPING``
-  (a YAML/JSON mapping), ``REPORT_TO`` (trackers, comma-separated or repeated; ``multiple=True``);
+  ``UNIT_INTERVAL`` [0, 1] (quantiles, strengths, ratios), ``OPEN_UNIT_INTERVAL`` (0, 1] (``top_p``, memory
+  shares), ``FRACTION`` (0, 1);
+- ``LEVELS`` (non-empty comma-separated levels >= 0, or a YAML list), ``RUN_NAME`` (one directory name, for
+  tags and run names), ``MAPPING`` (a YAML/JSON mapping), and ``report_to_option()`` (``--report_to``);
 - Lightning's: ``DEVICES``, ``ACCELERATOR``, ``STRATEGY``, ``PRECISION``, checked against Lightning's own
-  registries; ``check_lightning`` then runs the cross-option checks Lightning does (e.g. device ids on a CPU),
-  before anything is written, and ``lightning_devices`` turns ``--devices`` into Lightning's value.
+  registries. ``check_lightning(accelerator=..., devices=..., strategy=..., precision=...)`` then builds the
+  Fabric (nothing launched), so Lightning checks them together (device ids on a CPU, FSDP without a GPU)
+  before anything is written; ``lightning_devices`` turns ``--devices`` into Lightning's value.
 
 Checks that need several options or the files go into each stage's ``validate`` and raise ``UserError``.
 """
