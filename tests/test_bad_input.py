@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -348,4 +350,24 @@ def test_the_harness_sees_a_changed_tree(world):
     (world["inputs"] / "new_dir").mkdir()
     assert tree_digest(world["root"]) != before
     (world["inputs"] / "new_dir").rmdir()
+    assert tree_digest(world["root"]) == before
+
+
+@pytest.mark.slow  # fresh interpreters: the imports take ~10-30 s each
+@pytest.mark.parametrize("script, args, pattern", [
+    ("generate_paired_rollouts.py", ["--rewards", "hybrid=1", "--overwrite"], r"--rewards hybrid needs"),
+    ("train_importance_net.py", ["--rollouts", "{inputs}/rollouts.jsonl"], r"is not a readable parquet file"),
+    ("train_grpo_softmask.py", ["--run_name", "r", "--resume", "--lr", "1e-3"], r"--resume: --lr"),
+])
+def test_real_process_prints_one_line(world, script, args, pattern):
+    base = {"generate_paired_rollouts.py": _stage1_base(world["model"], world["out"]),
+            "train_importance_net.py": [],
+            "train_grpo_softmask.py": _stage3_base(world["model"], world["out"])}[script]
+    before = tree_digest(world["root"])
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, script, *base, *_expand(world, args)], cwd=root, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(pattern, lines[0]), out.stderr
     assert tree_digest(world["root"]) == before
