@@ -17,7 +17,12 @@ import pyarrow.parquet as pq
 from pipeline.artifacts import atomic_write
 from pipeline.errors import UserError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# what each version's completions hold; stage 2 reads every version listed here
+SCHEMA_VERSIONS = {
+    "1": "completions without their stop token",
+    "2": "completions end with their stop token when finish_reason is 'stop', as TRL's do",
+}
 META_PREFIX = "rvg."
 
 BASE_FIELDS = [
@@ -94,6 +99,11 @@ def dump_files(path: str | Path) -> list[Path]:
     raise UserError(f"rollouts '{path}' not found: run generate_paired_rollouts.py first or fix the path")
 
 
+def column_names(path: str | Path) -> list[str]:
+    """The columns of the dump's first part."""
+    return pq.read_schema(dump_files(path)[0]).names
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The key-value metadata (model name, reward names, tokenizer fingerprint, ...) of a dump."""
     file = dump_files(path)[0]
@@ -103,6 +113,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                 if k.decode().startswith(META_PREFIX)}
     except ValueError as err:
         raise UserError(f"'{file}' has corrupt {META_PREFIX}* metadata: regenerate the dump with stage 1") from err
+
+
+def schema_version(path: str | Path, metadata: dict[str, Any]) -> str:
+    """The dump's schema version, described in one phrase; a version this code does not know is refused."""
+    version = str(metadata.get("schema_version", "1"))
+    if version not in SCHEMA_VERSIONS:
+        raise UserError(f"rollouts '{path}' have schema version {version}, newer than this code reads "
+                        f"({', '.join(SCHEMA_VERSIONS)}): update the pipeline")
+    return f"schema version {version}: {SCHEMA_VERSIONS[version]}"
 
 
 def read_dump(path: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -81,6 +81,12 @@ def world(tiny_model_dir, other_tokenizer_model_dir, tmp_path_factory):
     synthetic = write_synthetic_dump(root / "out" / "synthetic" / "tiny" / "rollouts_s" / "part-00000.parquet",
                                      load_tokenizer(str(tiny_model_dir)), str(tiny_model_dir), n_prompts=6,
                                      groups_per_prompt=1)
+    runs = synthetic.parents[1] / "importance_net"
+    (runs / "done" / "export").mkdir(parents=True)
+    for name, metadata in (("seed0", '{"arguments": {"seed": 0}}'), ("badmeta", "{")):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "last.ckpt").write_bytes(b"not read before the check")
+        (runs / name / "metadata.json").write_text(metadata)
     return {"root": root, "out": out, "model": tiny_model_dir, "other_model": other_tokenizer_model_dir,
             "inputs": inputs, "synthetic": synthetic.parent}
 
@@ -245,6 +251,9 @@ STAGE2 = [
     case("stage2", "--backbone {other_model}", r"has a different tokenizer .*pass --backbone"),
     case("stage2", "--backbone /no/such/model", r"model '/no/such/model' not found"),
     case("stage2", "--backbone_mode last_k --last_k 5", r"--last_k must be in 1..2"),
+    case("stage2", "--run_name done", r"run '.*done' exists: pass --resume to continue it or --run_name"),
+    case("stage2", "--run_name seed0 --resume --seed 1", r"--resume: seed differ from the run in"),
+    case("stage2", "--run_name badmeta --resume", r"metadata.json' is not readable JSON .*pass a new --run_name"),
     case("stage2", "--report_to foo", r"'--report_to': unknown tracker 'foo'"),
     case("stage2", "--report_to none,csv", r"'none' cannot be combined"),
     case("stage2", "--run_name ../x", r"'--run_name': '../x' must be a plain directory name"),

@@ -23,9 +23,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, read_json, write_json
 from pipeline.cli import check_lightning, lightning_devices
-from pipeline.dump import read_metadata, tokenizer_fingerprint
+from pipeline.dump import column_names, read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
-from pipeline.importance.data import PairDataModule
+from pipeline.importance.data import PairDataModule, reward_column
 from pipeline.importance.export import load, save_export
 from pipeline.importance.loss import best_constant_f
 from pipeline.importance.metrics import TABLES, TableWriter
@@ -168,6 +168,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     started, t0 = now_iso(), time.time()
     check_lightning(quiet=True, accelerator=accelerator, devices=devices, precision=precision)
     meta = read_metadata(rollouts)
+    version = schema_version(rollouts, meta)
     backbone = backbone or meta.get("model_name")
     if not backbone:
         raise UserError(f"rollouts '{rollouts}' record no model_name: pass --backbone")
@@ -176,14 +177,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     tokenizer = load_tokenizer(backbone)
     fingerprint = tokenizer_fingerprint(tokenizer)
     check_tokenizer(meta, fingerprint, backbone, rollouts)
-
-    L.seed_everything(seed, verbose=False)
-    dm = PairDataModule(rollouts, reward_key, group_stats, val_fraction, batch_size, seed)
-    dm.setup()
-    if dm.max_token_id() >= len(tokenizer):
-        raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
-                        f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
-    run_name = run_name or f"{backbone_mode}-{dm.reward_column}-{group_stats}"
+    run_name = run_name or f"{backbone_mode}-{reward_column(reward_key, column_names(rollouts))}-{group_stats}"
     run_dir = default_run_dir(rollouts, run_name, out_dir)
     args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
             "group_stats": group_stats, "backbone_mode": backbone_mode, "last_k": last_k, "lora_r": lora_r,
@@ -192,11 +186,18 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
             "precision": precision, "devices": str(devices), "accelerator": accelerator, "seed": seed,
             "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
             "report_examples": report_examples, "report_to": list(report_to)}
-
     is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
     if is_rank_zero:
         _check_run_dir(run_dir, resume, args)
     resume_from = _checkpoints(run_dir)[-1] if resume and _checkpoints(run_dir) else None
+
+    log.info("rollouts '%s': %s", rollouts, version)
+    L.seed_everything(seed, verbose=False)
+    dm = PairDataModule(rollouts, reward_key, group_stats, val_fraction, batch_size, seed)
+    dm.setup()
+    if dm.max_token_id() >= len(tokenizer):
+        raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
+                        f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
 
     baseline_f = best_constant_f(dm.train.z1, dm.train.z2)
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden)
