@@ -99,11 +99,6 @@ def dump_files(path: str | Path) -> list[Path]:
     raise UserError(f"rollouts '{path}' not found: run generate_paired_rollouts.py first or fix the path")
 
 
-def column_names(path: str | Path) -> list[str]:
-    """The columns of the dump's first part."""
-    return pq.read_schema(dump_files(path)[0]).names
-
-
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The key-value metadata (model name, reward names, tokenizer fingerprint, ...) of a dump."""
     file = dump_files(path)[0]

@@ -23,9 +23,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, read_json, write_json
 from pipeline.cli import check_lightning, lightning_devices
-from pipeline.dump import column_names, read_metadata, schema_version, tokenizer_fingerprint
+from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
-from pipeline.importance.data import PairDataModule, reward_column
+from pipeline.importance.data import PairDataModule, dump_reward_column
 from pipeline.importance.export import load, save_export
 from pipeline.importance.loss import best_constant_f
 from pipeline.importance.metrics import TABLES, TableWriter
@@ -177,7 +177,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     tokenizer = load_tokenizer(backbone)
     fingerprint = tokenizer_fingerprint(tokenizer)
     check_tokenizer(meta, fingerprint, backbone, rollouts)
-    run_name = run_name or f"{backbone_mode}-{reward_column(reward_key, column_names(rollouts))}-{group_stats}"
+    run_name = run_name or f"{backbone_mode}-{dump_reward_column(rollouts, reward_key)}-{group_stats}"
     run_dir = default_run_dir(rollouts, run_name, out_dir)
     args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
             "group_stats": group_stats, "backbone_mode": backbone_mode, "last_k": last_k, "lora_r": lora_r,
