@@ -89,6 +89,8 @@ from pipeline.samplers import ALIASES, SAMPLERS
 @option("run_name", type=RUN_NAME, default=None)
 @option("resume", is_flag=True, default=False,
         help="Continue from the run's newest checkpoint (with the same defining options: README, stage 3).")
+@option("require_importance_gain", is_flag=True, default=False,
+        help="Refuse to start when the importance net's validation gain is not above 0 (its weights are noise).")
 @run_stage
 def main(**kwargs) -> None:
     """GRPO with per-token weights from the importance network, prompts drawn by a curriculum sampler."""

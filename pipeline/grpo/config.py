@@ -11,7 +11,7 @@ from typing import Any
 from pipeline import samplers
 from pipeline.errors import UserError
 
-NEEDS_IMPORTANCE = ("delta", "variance")
+NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
 SCALE_REWARDS = ("group", "batch", "none")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers.get_scheduler names
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -19,7 +19,7 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # are not part of the default run name. Every other argument defines the run and must match on --resume.
 RESUMABLE_ARGS = ("max_steps", "eval_every", "save_every", "save_total_limit", "logging_steps", "report_to",
                   "devices", "num_nodes", "strategy", "batch_size", "backend", "tensor_parallel_size",
-                  "gpu_memory_utilization", "max_model_len", "dtype")
+                  "gpu_memory_utilization", "max_model_len", "dtype", "require_importance_gain")
 LOCATION_ARGS = ("out_dir", "run_name", "resume")
 
 
@@ -78,6 +78,7 @@ class GRPOArgs:
     out_dir: str = "rollout_dump"
     run_name: str | None = None
     resume: bool = False
+    require_importance_gain: bool = False
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""

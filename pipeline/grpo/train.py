@@ -32,6 +32,7 @@ from pipeline.generation.vllm import VLLMOptions
 from pipeline.grpo.advantages import group_advantages, zero_std_fraction
 from pipeline.grpo.config import NEEDS_IMPORTANCE, RESUMABLE_ARGS, GRPOArgs, changed_on_resume, validate
 from pipeline.grpo.evaluation import evaluate
+from pipeline.grpo.importance_guard import check_importance_gain
 from pipeline.grpo.logprobs import completion_logprobs
 from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
@@ -138,6 +139,7 @@ class Trainer:
         self.checkpoint = resume_from(self.run_dir, args)
         self.fabric = check_lightning(accelerator="auto", devices=args.devices, num_nodes=args.num_nodes,
                                       strategy=args.strategy, precision=args.precision)
+        self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         self.fabric.launch()
         if args.prompts_per_step % self.fabric.world_size:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the "
@@ -374,6 +376,7 @@ class Trainer:
         metadata = {"arguments": asdict(self.args), "run_dir": str(self.run_dir), "started": started,
                     "finished": artifacts.now_iso(), "runtime_s_this_process": round(runtime, 2),
                     "steps": self.step, "hybrid_reward": self.hybrid, "final_eval": final_eval.to_dict("records"),
+                    "importance_check": self.importance_check,
                     "final_metrics": metrics.iloc[-1].to_dict() if not metrics.empty else {},
                     **artifacts.provenance()}
         artifacts.write_json(self.run_dir / "metadata.json", metadata)
