@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pipeline.cli import (
+    DIR_NAME,
     LEVELS,
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
     OPEN_UNIT_INTERVAL,
     POSITIVE_INT,
-    RUN_NAME,
     UNIT_INTERVAL,
     backend_options,
     config_option,
@@ -43,7 +43,7 @@ from pipeline.models import DEFAULT_MODEL
 @backend_options(gpu_memory_utilization=0.9)
 @option("batch_size", type=POSITIVE_INT, default=32, help="Generation micro-batch size (hf).")
 @option("out_dir", default="rollout_dump")
-@option("tag", type=RUN_NAME, default=None, help="Dump name (default: derived from the arguments).")
+@option("tag", type=DIR_NAME, default=None, help="Dump name (default: derived from the arguments).")
 @option("shard_index", type=NON_NEGATIVE_INT, default=0)
 @option("num_shards", type=POSITIVE_INT, default=1)
 @option("overwrite", is_flag=True, default=False,

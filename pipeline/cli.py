@@ -12,8 +12,9 @@ bad input fails before any model loads or anything is written (tests/test_bad_in
 - real numbers, always finite: ``POSITIVE_FLOAT`` (> 0), ``NON_NEGATIVE_FLOAT`` (>= 0, e.g. learning rates),
   ``UNIT_INTERVAL`` [0, 1] (quantiles, strengths, ratios), ``OPEN_UNIT_INTERVAL`` (0, 1] (``top_p``, memory
   shares), ``FRACTION`` (0, 1);
-- ``LEVELS`` (non-empty comma-separated levels >= 0, or a YAML list), ``RUN_NAME`` (one directory name, for
-  tags and run names), ``MAPPING`` (a YAML/JSON mapping), and ``report_to_option()`` (``--report_to``);
+- ``LEVELS`` (non-empty comma-separated levels >= 0, or a YAML list), ``DIR_NAME`` (one directory name: a
+  dump's tag), ``RUN_NAME`` (a run directory, possibly a relative path), ``MAPPING`` (a YAML/JSON mapping),
+  and ``report_to_option()`` (``--report_to``);
 - Lightning's: ``DEVICES``, ``ACCELERATOR``, ``STRATEGY``, ``PRECISION``, checked against Lightning's own
   registries. ``check_lightning(accelerator=..., devices=..., strategy=..., precision=...)`` then builds the
   Fabric (nothing launched), so Lightning checks them together (device ids on a CPU, FSDP without a GPU)
@@ -163,8 +164,8 @@ class LevelList(click.ParamType):
 LEVELS = LevelList()
 
 
-class RunName(click.ParamType):
-    """One directory name (a tag or run name), never a path that leaves the output directory."""
+class DirName(click.ParamType):
+    """One directory name (a dump's tag), never a path that leaves the output directory."""
 
     name = "name"
 
@@ -175,6 +176,20 @@ class RunName(click.ParamType):
         return text
 
 
+class RunName(click.ParamType):
+    """A run directory below the stage's runs directory: a name, or a relative path (a study puts its runs
+    elsewhere with ``../``), never empty or ending in '.' or '..'."""
+
+    name = "name"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not text.strip() or Path(text).name in ("", ".", "..") or text.endswith("/"):
+            self.fail(f"{text!r} must name a run directory, e.g. my-run", param, ctx)
+        return text
+
+
+DIR_NAME = DirName()
 RUN_NAME = RunName()
 
 

@@ -190,11 +190,11 @@ class Trainer:
         self.fabric.save(tmp, self._state())
         self.fabric.barrier()
         if self.fabric.is_global_zero:
+            for table in self.tables.values():  # first: a checkpoint never lacks the rows up to its step
+                table.flush()
             tmp.replace(path)
             for old in sorted(folder.glob(CKPT_GLOB))[:-self.args.save_total_limit]:
                 old.unlink()
-            for table in self.tables.values():
-                table.flush()
         self.fabric.barrier()
         return path
 
