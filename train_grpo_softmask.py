@@ -77,7 +77,7 @@ from pipeline.samplers import ALIASES, SAMPLERS
 @option("save_every", type=POSITIVE_INT, default=10)
 @option("save_total_limit", type=POSITIVE_INT, default=2, help="Newest checkpoints kept.")
 @option("logging_steps", type=POSITIVE_INT, default=1, help="Steps per metrics row (the mean over those steps).")
-@report_to_option()
+@report_to_option
 @backend_options(gpu_memory_utilization=0.3)
 @option("batch_size", type=POSITIVE_INT, default=64, help="Generation micro-batch size.")
 @option("seed", type=NON_NEGATIVE_INT, default=0)

@@ -56,7 +56,7 @@ from pipeline.importance.train import run
         help="Parent of the run directory [default: <dump's model dir>/importance_net].")
 @option("resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @option("report_examples", type=NON_NEGATIVE_INT, default=8, help="Validation completions in report.html; 0 = no report.")
-@report_to_option()
+@report_to_option
 @run_stage
 def main(**kwargs) -> None:
     """Train f_theta(t) = Corr(R1, R2 | shared prefix of t tokens) by maximum likelihood on paired rollouts."""

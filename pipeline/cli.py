@@ -14,7 +14,7 @@ bad input fails before any model loads or anything is written (tests/test_bad_in
   shares), ``FRACTION`` (0, 1);
 - ``LEVELS`` (non-empty comma-separated levels >= 0, or a YAML list), ``DIR_NAME`` (one directory name: a
   dump's tag), ``RUN_NAME`` (a run directory, possibly a relative path), ``MAPPING`` (a YAML/JSON mapping),
-  and ``report_to_option()`` (``--report_to``);
+  and ``report_to_option`` (``--report_to``);
 - Lightning's: ``DEVICES``, ``ACCELERATOR``, ``STRATEGY``, ``PRECISION``, checked against Lightning's own
   registries. ``check_lightning(accelerator=..., devices=..., strategy=..., precision=...)`` then builds the
   Fabric (nothing launched), so Lightning checks them together (device ids on a CPU, FSDP without a GPU)
@@ -26,7 +26,6 @@ Checks that need several options or the files go into each stage's ``validate`` 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import math
 import sys
@@ -39,9 +38,7 @@ import yaml
 
 from pipeline.errors import UserError
 
-TRACKERS = ("csv", "tensorboard", "wandb", "mlflow")
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
 class StageCommand(click.Command):
@@ -98,6 +95,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise click.BadParameter(f"'{value}' must be a YAML mapping of option: value")
     spellings = _spellings(ctx.command)
     spellings.pop("config", None)
+    params = {param.name: param for param in ctx.command.params}
     config = {}
     for key, setting in data.items():
         name = spellings.get(str(key).replace("-", "_"))
@@ -106,7 +104,8 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
                                      f"{', '.join(sorted(set(spellings.values())))}")
         if name in config:
             raise click.BadParameter(f"'{value}' sets {name} twice (as '{key}' and another spelling): keep one")
-        config[name] = setting
+        multiple = getattr(params[name], "multiple", False)
+        config[name] = [setting] if multiple and isinstance(setting, str) else setting
     ctx.default_map = {**(ctx.default_map or {}), **config}
     return value
 
@@ -213,44 +212,20 @@ class YamlMapping(click.ParamType):
 MAPPING = YamlMapping()
 
 
-class TrackerList(click.ParamType):
-    """``--report_to tensorboard,wandb`` (or repeated): known trackers whose package is installed."""
+def report_to_option(fn: Callable) -> Callable:
+    """``--report_to tensorboard,wandb`` (comma-separated or repeated): experiment trackers besides metrics.csv
+    (stages 2 and 3); pipeline/trackers.py checks the names here, and their packages before a run starts."""
+    from pipeline.trackers import TRACKERS, parse_report_to
 
-    name = "trackers"
+    def parse(_ctx: click.Context, _param: click.Parameter, value: Any) -> tuple[str, ...]:
+        try:
+            return parse_report_to([name for item in value or () for name in str(item).split(",")])
+        except UserError as err:
+            raise click.BadParameter(str(err)) from err
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
-        parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
-        names = tuple(str(p).strip().lower() for p in parts if str(p).strip())
-        for name in names:
-            if name not in (*TRACKERS, "none"):
-                self.fail(f"unknown tracker {name!r}: choose from {', '.join(TRACKERS)} or none", param, ctx)
-            packages = TRACKER_PACKAGES.get(name, ())
-            if packages and not any(importlib.util.find_spec(p) for p in packages):
-                self.fail(f"{name} needs the {packages[0]} package: pip install {packages[0]}", param, ctx)
-        return names
-
-
-REPORT_TO = TrackerList()
-
-
-def report_to_callback(_ctx: click.Context, param: click.Parameter, value: Any) -> tuple[str, ...]:
-    """Flatten repeated ``--report_to`` values; ``none`` alone means no tracker (empty tuple)."""
-    names: list[str] = []
-    for item in value or ():
-        for name in item if isinstance(item, tuple) else (item,):
-            if name not in names:
-                names.append(name)
-    if "none" in names:
-        if len(names) > 1:
-            raise click.BadParameter("'none' cannot be combined with other trackers", param=param)
-        return ()
-    return tuple(names)
-
-
-def report_to_option(default: tuple[str, ...] = ("csv",)) -> Callable:
-    """``--report_to`` (stages 2 and 3)."""
-    return option("report_to", type=REPORT_TO, multiple=True, default=default, callback=report_to_callback,
-                  help=f"Experiment trackers: {', '.join(TRACKERS)} or none; comma-separated or repeated.")
+    return option("report_to", multiple=True, default=("csv",), callback=parse,
+                  help=f"Trackers: {', '.join(TRACKERS)}; comma-separated or repeated (metrics.csv is always "
+                       "written).")(fn)
 
 
 # ---- Lightning's options -----------------------------------------------------------------------------------
@@ -326,10 +301,11 @@ def lightning_devices(value: str | int) -> int | str | list[int]:
     return text
 
 
-def check_lightning(quiet: bool = False, **settings: Any):
+def check_lightning(quiet: bool = False, loggers: list | None = None, **settings: Any):
     """Build a Fabric with these settings (nothing is launched), so Lightning checks accelerator, devices,
     strategy, precision and num_nodes together; its complaint (device ids on a CPU, FSDP without a GPU, a
-    missing DeepSpeed...) becomes one line. Returns the Fabric; ``quiet`` hides Lightning's notes for a dry check."""
+    missing DeepSpeed...) becomes one line. Returns the Fabric (with ``loggers``); ``quiet`` hides Lightning's notes
+    for a dry check."""
     import warnings
 
     from lightning.fabric import Fabric
@@ -344,7 +320,7 @@ def check_lightning(quiet: bool = False, **settings: Any):
             if quiet:
                 warnings.simplefilter("ignore")
                 lightning_log.setLevel(logging.ERROR)
-            return Fabric(**settings)
+            return Fabric(**settings, loggers=loggers)
     except (ValueError, TypeError, RuntimeError, ImportError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"Lightning refuses {given}: {message}") from err

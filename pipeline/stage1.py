@@ -26,7 +26,7 @@ from pipeline.hybrid_reward import check_hybrid_args, prepare_hybrid
 from pipeline.models import load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.rollouts import PairingConfig, Prompt, generated_token_count, sample_pairs, to_frame, to_table
-from pipeline.scoring import parse_reward_weights
+from pipeline.scoring import check_reward_arguments, parse_reward_weights, summarize_batches
 from pipeline.tasks import build_rows, default_rewards, task_slug
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def publish(staging: Path, path: Path, num_chunks: int) -> bool:
 def _build_prompts(args: Stage1Args, tokenizer) -> list[Prompt]:
     prompts = []
     for index, row in enumerate(build_rows(args.task_name, args.num_prompts, args.levels)):
-        text, ids = render_prompt(tokenizer, row["question"])
+        text, ids = render_prompt(tokenizer, row)
         prompts.append(Prompt(index, row, text, ids))
     return prompts
 
@@ -192,6 +192,7 @@ def run(args: Stage1Args) -> Path:
     artifacts.check_writable(path)
     tokenizer = load_tokenizer(args.model_name)
     prompts = _build_prompts(args, tokenizer)
+    check_reward_arguments(args.rewards, prompts[0].row)
     work = staging_dir(path) if args.overwrite else path
     check_work_dir(work, args)
     resuming = bool(_same_arguments(work, args))
@@ -230,14 +231,13 @@ def run(args: Stage1Args) -> Path:
     started, t0 = artifacts.now_iso(), time.perf_counter()
     if len(todo) < len(mine):
         log.info("resuming %s: %d of %d chunks already written", work, len(mine) - len(todo), len(mine))
-    generated_tokens, completions, failures = 0, 0, {}
+    generated_tokens, completions, scored = 0, 0, []
     bar = tqdm(todo, desc="chunks", unit="chunk")
     for c in bar:
         rng = np.random.default_rng([args.seed, c])
         records = sample_pairs(backend(), chunks[c], params, pairing, args.seed, rng)
-        frame, chunk_failures = to_frame(records, tokenizer, args.rewards)
-        for name, n in chunk_failures.items():
-            failures[name] = failures.get(name, 0) + n
+        frame, batch = to_frame(records, tokenizer, args.rewards)
+        scored.append(batch)
         dump.write_part(work / f"part-{c:05d}.parquet", to_table(frame, schema))
         completions += len(frame)
         generated_tokens += generated_token_count(frame)
@@ -245,13 +245,15 @@ def run(args: Stage1Args) -> Path:
         bar.set_postfix(completions_s=f"{completions / elapsed:.2f}", tok_s=f"{generated_tokens / elapsed:.1f}")
     runtime = time.perf_counter() - t0
     counts = summarize(dump.read_dump(work).to_pandas())
+    reward_logs = summarize_batches(scored)
     metadata = {
         "arguments": asdict(args) | {"levels": list(args.levels)}, "output_dir": str(path),
         "started": started, "finished": artifacts.now_iso(), "runtime_s": round(runtime, 2),
         "chunks_generated_this_run": len(todo), "completions_this_run": completions,
         "generated_tokens_this_run": generated_tokens,
         "tokens_per_s": round(generated_tokens / runtime, 2) if todo else None,
-        "reward_failures_this_run": failures, "hybrid_reward": hybrid, "counts": counts, **artifacts.provenance(),
+        "reward_failures_this_run": reward_logs.pop("failures"), "reward_logs_this_run": reward_logs,
+        "hybrid_reward": hybrid, "counts": counts, **artifacts.provenance(),
     }
     artifacts.write_json(metadata_path, metadata)
     if args.overwrite and not publish(work, path, len(chunks)):

@@ -16,9 +16,9 @@ def evaluate(backend: GenerationBackend, tokenizer, rows: Sequence[dict[str, Any
     """One row per level: accuracy (the ``correct`` reward) and mean completion length."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     completions = backend.generate([Request(ids, max_new_tokens, 0) for _, ids in prompts], params)
-    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
-    correct = score({"correct": 1.0}, [t for t, _ in prompts], texts, columns).per_function["correct"]
+    completion_ids = [c.token_ids for c in completions]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    correct = score({"correct": 1.0}, rows, [t for t, _ in prompts], texts, completion_ids).per_function["correct"]
     levels = np.array([row["level"] for row in rows])
     lengths = np.array([len(c.token_ids) for c in completions])
     return [{"level": int(level), "accuracy": float(np.nanmean(correct[levels == level])),

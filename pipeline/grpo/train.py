@@ -36,14 +36,15 @@ from pipeline.grpo.importance_guard import check_importance_gain
 from pipeline.grpo.logprobs import completion_logprobs
 from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
-from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve, window_mean
+from pipeline.grpo.reporting import RunTable, refresh_plots, window_mean
 from pipeline.grpo.rollout import Experience, collect
-from pipeline.grpo.softmask import soft_mask_weights, weight_stats
+from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights, weight_stats
 from pipeline.hybrid_reward import check_hybrid_args, prepare_hybrid
 from pipeline.models import load_causal_lm, load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
-from pipeline.scoring import parse_reward_weights
+from pipeline.scoring import check_reward_arguments, parse_reward_weights
 from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
+from pipeline.trackers import make_loggers, numeric_only
 
 log = logging.getLogger(__name__)
 CKPT_GLOB = "step-*.ckpt"
@@ -138,7 +139,8 @@ class Trainer:
         self.run_dir = run_dir_for(args)
         self.checkpoint = resume_from(self.run_dir, args)
         self.fabric = check_lightning(accelerator="auto", devices=args.devices, num_nodes=args.num_nodes,
-                                      strategy=args.strategy, precision=args.precision)
+                                      strategy=args.strategy, precision=args.precision,
+                                      loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
         self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         self.fabric.launch()
         if args.prompts_per_step % self.fabric.world_size:
@@ -149,8 +151,11 @@ class Trainer:
         self.rows = build_rows(args.task_name, args.num_train_prompts, args.levels)
         eval_levels = list(args.levels) if is_user_dataset(args.task_name) else sorted({*args.levels, HELDOUT_LEVEL})
         self.eval_rows = build_rows(args.task_name, args.eval_prompts * len(eval_levels), eval_levels, split="eval")
-        self.prompts = [render_prompt(self.tokenizer, row["question"]) for row in self.rows]
-        self.eval_prompts = [render_prompt(self.tokenizer, row["question"]) for row in self.eval_rows]
+        check_reward_arguments(args.rewards, self.rows[0])
+        check_reward_arguments(["correct"], self.rows[0], fix="the evaluation checks answers with it: add an "
+                               "`answer` or `solution` column")
+        self.prompts = [render_prompt(self.tokenizer, row) for row in self.rows]
+        self.eval_prompts = [render_prompt(self.tokenizer, row) for row in self.eval_rows]
         try:
             self.sampler = samplers.build(args.sampler, self.rows, batch_size=args.prompts_per_step,
                                           total_steps=args.max_steps, seed=args.seed, **args.sampler_params)
@@ -195,6 +200,8 @@ class Trainer:
             tmp.replace(path)
             for old in sorted(folder.glob(CKPT_GLOB))[:-self.args.save_total_limit]:
                 old.unlink()
+            for logger in self.fabric.loggers:
+                logger.save()
         self.fabric.barrier()
         return path
 
@@ -242,7 +249,7 @@ class Trainer:
         mine = self._my_share(indices)
         t0 = time.perf_counter()
         exp = collect(self.backend, self.tokenizer, [self.rows[i] for i in mine], [self.prompts[i] for i in mine],
-                      args.group_size, self.params, args.rewards, args.seed, self.step)
+                      args.group_size, self.params, args.rewards, args.seed, self.step, args.max_steps)
         t_gen = time.perf_counter() - t0
         all_rewards = self._gather_rewards(exp.rewards)
         rank = fabric.global_rank
@@ -264,11 +271,11 @@ class Trainer:
             if self.reference is not None:
                 ref_logps, _ = completion_logprobs(self.reference, input_ids, attention, exp.completion_len,
                                                    args.temperature)
-        weights = None if args.softmask == "entropy" else self._weights(exp, mask, None)
+        weights = None if args.softmask in NEEDS_ENTROPY else self._weights(exp, mask, None)
         for _ in range(args.num_iterations):
             logps, entropies = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
                                                    args.temperature, with_entropy=True)
-            if args.softmask == "entropy":
+            if args.softmask in NEEDS_ENTROPY:
                 weights = self._weights(exp, mask, entropies)
             loss, loss_metrics = compute_policy_loss(
                 args.loss_type, logps, old_logps, advantages, mask, weights, ref_logps=ref_logps, beta=args.beta,
@@ -284,13 +291,15 @@ class Trainer:
         logged = {"loss": loss.detach(), **loss_metrics}  # global values: this rank's shard averaged over ranks
         logged = {k: float(fabric.all_reduce(v, reduce_op="mean")) for k, v in logged.items()}
         per_prompt = np.nanmean(all_rewards.reshape(-1, args.group_size), axis=1)
-        self.sampler.update(list(indices), per_prompt.tolist())
+        scored = np.isfinite(per_prompt)  # a prompt none of whose completions got a reward teaches nothing
+        self.sampler.update([i for i, ok in zip(indices, scored, strict=True) if ok], per_prompt[scored].tolist())
         sampler_sha = self._check_sampler_agreement()
         elapsed = time.perf_counter() - t0
         levels = np.array([self.rows[i]["level"] for i in indices for _ in range(args.group_size)])
         metrics = {
-            "step": self.step + 1, "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std()),
+            **exp.reward_metrics,
+            "step": self.step + 1, "reward_mean": float(np.nanmean(all_rewards)),
+            "reward_std": float(np.nanstd(all_rewards)),
             "frac_zero_std_groups": zero_std_fraction(torch.as_tensor(all_rewards), args.group_size),
             "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
             "entropy": float((entropies * mask).sum() / mask.sum().clamp(min=1)),
@@ -298,13 +307,14 @@ class Trainer:
             "truncated_frac": float(exp.truncated.float().mean()),
             "tokens_per_s": float(exp.completion_mask.sum() / t_gen), "step_time_s": elapsed,
             "generation_time_s": t_gen, "reward_failures": sum(exp.failures.values()), "sampler_sha": sampler_sha,
-            **{f"reward_mean/level_{lv}": float(all_rewards[levels == lv].mean()) for lv in sorted(set(levels))},
+            **{f"reward_mean/level_{lv}": float(np.nanmean(all_rewards[levels == lv])) for lv in sorted(set(levels))},
             **{f"reward/{name}": float(np.nanmean(v)) for name, v in exp.per_function.items()},
             **logged,
             **{f"weights/{k}": v for k, v in weight_stats(weights, mask).items()},
             **{f"sampler/{k}": float(v) for k, v in self.sampler.probabilities().items()},
         }
-        samples = [{"step": self.step + 1, "prompt_id": self.rows[mine[i // args.group_size]]["prompt_id"],
+        samples = [{**{column: values[i] for column, values in exp.reward_extra.items() if len(values) == len(exp.texts)},
+                    "step": self.step + 1, "prompt_id": self.rows[mine[i // args.group_size]]["prompt_id"],
                     "level": self.rows[mine[i // args.group_size]]["level"],
                     "prompt": self.prompts[mine[i // args.group_size]][0], "completion": exp.texts[i],
                     "reward": float(exp.rewards[i]), "advantage": float(advantages[i]),
@@ -316,6 +326,10 @@ class Trainer:
     def _evaluate(self) -> None:
         rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens)
         self.tables["eval"].extend([{"step": self.step, **row} for row in rows])
+        self.fabric.log_dict({f"eval/{key}/level_{row['level']}": row[key] for row in rows
+                              for key in ("accuracy", "mean_length")}, step=self.step)
+        if self.fabric.is_global_zero:
+            refresh_plots(self.tables["metrics"].frame(), self.tables["eval"].frame(), self.run_dir)
         log.info("eval step %d: %s", self.step, ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in rows))
 
     def fit(self) -> Path:
@@ -329,6 +343,8 @@ class Trainer:
         self.tables = {name: RunTable(self.run_dir / file, resume_step) for name, file in
                        (("metrics", "metrics.csv"), ("eval", "eval.csv"), ("samples", "samples.parquet"))}
         started, t0 = artifacts.now_iso(), time.perf_counter()
+        for logger in fabric.loggers:
+            logger.log_hyperparams(asdict(args))
         preempted = PreemptionFlag()
         if self.step == 0:
             self._evaluate()
@@ -341,8 +357,10 @@ class Trainer:
             window.append(out["metrics"])
             self.tables["samples"].extend(out["samples"])
             if self.step % args.logging_steps == 0 or self.step == args.max_steps:
-                self.tables["metrics"].extend([window_mean(window)])
+                row = window_mean(window)
                 window = []
+                self.tables["metrics"].extend([row])
+                fabric.log_dict(numeric_only(row), step=self.step)
                 if fabric.is_global_zero:
                     self.tables["metrics"].flush()
             m = out["metrics"]
@@ -367,8 +385,7 @@ class Trainer:
         metrics, evals = self.tables["metrics"].frame(), self.tables["eval"].frame()
         for table in self.tables.values():
             table.flush()
-        plot_learning_curve(metrics, evals, self.run_dir / "learning_curve.png")
-        plot_curriculum(metrics, self.run_dir / "curriculum.png")
+        refresh_plots(metrics, evals, self.run_dir)
         policy_dir = self.run_dir / "policy"
         self.policy.save_pretrained(policy_dir)
         self.tokenizer.save_pretrained(policy_dir)
@@ -380,6 +397,8 @@ class Trainer:
                     "final_metrics": metrics.iloc[-1].to_dict() if not metrics.empty else {},
                     **artifacts.provenance()}
         artifacts.write_json(self.run_dir / "metadata.json", metadata)
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
         acc = ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in metadata["final_eval"])
         log.info("GRPO done: %d steps in %.1f s; final reward %.3f; eval accuracy %s. Wrote %s "
                  "(policy/, checkpoints/, metrics.csv, eval.csv, samples.parquet, learning_curve.png, "

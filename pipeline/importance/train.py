@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, read_json, write_json
@@ -33,6 +33,7 @@ from pipeline.importance.model import ImportanceModule, NetConfig
 from pipeline.importance.plots import plot_calibration, plot_f_by_position
 from pipeline.importance.report import Example, write_report
 from pipeline.models import GGUF_ALIASES, load_config, load_tokenizer
+from pipeline.trackers import make_loggers, parse_report_to
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,14 @@ def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
 
 
 def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_from: Path | None,
-         **trainer_args: Any) -> tuple[L.Trainer, str]:
+         trackers: list[Logger], **trainer_args: Any) -> tuple[L.Trainer, str]:
     """Fit (or continue) the run, then evaluate its best checkpoint; returns the trainer and that checkpoint."""
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                  auto_insert_metric_name=False, monitor="val/nll", mode="min", save_top_k=1)
     # Lightning's save_last only refreshes last.ckpt when val/nll improves: a second callback writes it every epoch
     latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CKPT.removesuffix(".ckpt"),
                              enable_version_counter=False)
-    trainer = L.Trainer(logger=ResumableCSVLogger(run_dir, name="", version=""),
+    trainer = L.Trainer(logger=[ResumableCSVLogger(run_dir, name="", version=""), *trackers],
                         callbacks=[checkpoint, latest, TableWriter(run_dir)], enable_progress_bar=True,
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
                         default_root_dir=run_dir, **trainer_args)
@@ -179,13 +180,14 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     check_tokenizer(meta, fingerprint, backbone, rollouts)
     run_name = run_name or f"{backbone_mode}-{dump_reward_column(rollouts, reward_key)}-{group_stats}"
     run_dir = default_run_dir(rollouts, run_name, out_dir)
+    trackers = make_loggers(report_to, run_dir, run_name)
     args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
             "group_stats": group_stats, "backbone_mode": backbone_mode, "last_k": last_k, "lora_r": lora_r,
             "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
             "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "backbone_lr": backbone_lr,
             "precision": precision, "devices": str(devices), "accelerator": accelerator, "seed": seed,
             "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
-            "report_examples": report_examples, "report_to": list(report_to)}
+            "report_examples": report_examples, "report_to": list(parse_report_to(report_to))}
     is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
     if is_rank_zero:
         _check_run_dir(run_dir, resume, args)
@@ -211,8 +213,8 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
                 "counts": dm.counts, "baseline_f": baseline_f, "started": started, **provenance()}
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
-    trainer, best = _fit(module, dm, run_dir, resume_from, max_epochs=max_epochs, accelerator=accelerator,
-                         devices=lightning_devices(devices), precision=precision)
+    trainer, best = _fit(module, dm, run_dir, resume_from, trackers, max_epochs=max_epochs,
+                         accelerator=accelerator, devices=lightning_devices(devices), precision=precision)
     final = module.val_summary
     if not is_rank_zero:
         return final
