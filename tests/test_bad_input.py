@@ -178,7 +178,7 @@ STAGE1 = [
     case("stage1", "--task_name {inputs}/missing.jsonl", r"cannot read dataset '.*missing.jsonl'"),
     case("stage1", "--task_name {inputs}/words_level.jsonl", r"column 'level' must hold integers"),
     case("stage1", "--task_name {inputs}/fractional_level.jsonl", r"column 'level' must hold integers"),
-    case("stage1", "--task_name {inputs}/no_answer.jsonl", r"lacks column\(s\) answer"),
+    case("stage1", "--task_name {inputs}/no_answer.jsonl", r"reward 'correct' needs column\(s\) answer"),
     case("stage1", "--model_name ./no/such/model", r"model './no/such/model' not found"),
     case("stage1", "--model_name {inputs}/not_a_model", r"has no config.json: pass an HF model directory"),
     case("stage1", "--rewards correct=1,bogus=2", r"unknown reward\(s\) bogus"),
