@@ -18,18 +18,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import get_scheduler
 
 from pipeline import artifacts, samplers
+from pipeline.cli import check_lightning
 from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
 from pipeline.generation.select import make_backend, resolve_backend
 from pipeline.generation.vllm import VLLMOptions
 from pipeline.grpo.advantages import group_advantages, zero_std_fraction
-from pipeline.grpo.config import NEEDS_IMPORTANCE, GRPOArgs, validate
+from pipeline.grpo.config import NEEDS_IMPORTANCE, RESUMABLE_ARGS, GRPOArgs, changed_on_resume, validate
 from pipeline.grpo.evaluation import evaluate
 from pipeline.grpo.importance_guard import check_importance_gain
 from pipeline.grpo.losses import mask_truncated_completions
@@ -44,10 +45,10 @@ from pipeline.grpo.policy import (
     setup,
 )
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
-from pipeline.grpo.reporting import RunTable, refresh_plots
+from pipeline.grpo.reporting import RunTable, refresh_plots, window_mean
 from pipeline.grpo.rollout import Experience, collect
 from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights, weight_stats
-from pipeline.hybrid_reward import prepare_hybrid
+from pipeline.hybrid_reward import check_hybrid_args, prepare_hybrid
 from pipeline.models import load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.scoring import check_reward_arguments, parse_reward_weights
@@ -56,7 +57,6 @@ from pipeline.trackers import make_loggers, numeric_only
 
 log = logging.getLogger(__name__)
 CKPT_GLOB = "step-*.ckpt"
-KEEP_CHECKPOINTS = 2
 
 
 def run_dir_for(args: GRPOArgs) -> Path:
@@ -67,6 +67,46 @@ def run_dir_for(args: GRPOArgs) -> Path:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / "checkpoints").glob(CKPT_GLOB))
     return found[-1] if found else None
+
+
+def checkpoint_args(path: Path) -> dict[str, Any]:
+    """The arguments a checkpoint was saved with, without reading its tensors (a sharded checkpoint is a
+    directory whose meta.pt holds them)."""
+    file = path / "meta.pt" if path.is_dir() else path
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=not path.is_dir())["args"]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise UserError(f"checkpoint '{path}' does not load ({type(err).__name__}): delete it to resume from the "
+                        "one before, or pass a new --run_name") from err
+
+
+def resume_from(run_dir: Path, args: GRPOArgs) -> Path | None:
+    """The checkpoint to continue, checked before anything loads: a run without --resume never writes over
+    one with checkpoints, and a resume must keep every defining argument."""
+    artifacts.check_writable(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        if args.resume:
+            log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
+        return None
+    if not args.resume:
+        raise UserError(f"'{run_dir}' already has checkpoints: pass --resume to continue it or --run_name for a "
+                        "new run")
+    saved = checkpoint_args(checkpoint)
+    changed = changed_on_resume(saved, args)
+    if changed:
+        given = asdict(args)
+        differences = ", ".join(f"--{k} ({saved[k]!r} in the checkpoint, {given[k]!r} given)" for k in changed)
+        may_change = ", ".join(f"--{k}" for k in RESUMABLE_ARGS)
+        raise UserError(f"--resume: {differences} differ from the run in '{run_dir}': resume with the run's values "
+                        f"(only {may_change} may change), or pass a new --run_name")
+    return checkpoint
+
+
+def make_scheduler(args: GRPOArgs, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedule by name (TRL's default: linear), stepped once per training step over --max_steps."""
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup(),
+                         num_training_steps=args.max_steps)
 
 
 def _load_importance(args: GRPOArgs, tokenizer):
@@ -101,13 +141,16 @@ class Trainer:
 
     def __init__(self, args: GRPOArgs):
         validate(args)
-        self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
+        check_hybrid_args(args.rewards, args.reward_model)
+        args.backend = resolve_backend(args.backend)  # the metadata records which one ran
         self.args = args
         self.run_dir = run_dir_for(args)
-        self.fabric = L.Fabric(accelerator="auto", devices=_devices(args.devices), num_nodes=args.num_nodes,
-                               strategy=args.strategy, precision=args.precision,
-                               loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
+        self.checkpoint = resume_from(self.run_dir, args)
+        self.fabric = check_lightning(accelerator="auto", devices=args.devices, num_nodes=args.num_nodes,
+                                      strategy=args.strategy, precision=args.precision,
+                                      loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
+        self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         self.fabric.launch()
         if args.prompts_per_step % self.fabric.world_size:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the "
@@ -131,14 +174,12 @@ class Trainer:
         self.policy = build_policy(args)
         self.reference = build_reference(args)  # None with LoRA: the policy with adapters disabled
         optimizer = build_optimizer(self.policy, args)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
+        self.scheduler = make_scheduler(args, optimizer)
         self.model, self.optimizer = setup(self.fabric, self.policy, optimizer)
         if self.reference is not None:
             self.reference = self.fabric.to_device(self.reference)
         if self.importance is not None:
             self.importance.to(self.fabric.device)
-        args.backend = resolve_backend(args.backend)  # the metadata records which one ran
         self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.policy,
                                     batch_size=args.batch_size, seed=args.seed,
                                     vllm=VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization,
@@ -163,11 +204,11 @@ class Trainer:
         self.fabric.save(tmp, self._state())
         self.fabric.barrier()
         if self.fabric.is_global_zero:
-            tmp.replace(path)
-            for old in sorted(folder.glob(CKPT_GLOB))[:-KEEP_CHECKPOINTS]:
-                old.unlink()
-            for table in self.tables.values():
+            for table in self.tables.values():  # first: a checkpoint never lacks the rows up to its step
                 table.flush()
+            tmp.replace(path)
+            for old in sorted(folder.glob(CKPT_GLOB))[:-self.args.save_total_limit]:
+                old.unlink()
             for logger in self.fabric.loggers:
                 logger.save()
         self.fabric.barrier()
@@ -247,6 +288,7 @@ class Trainer:
             batch.weights = self._weights(exp, mask, None)
         log_entropy = args.entropy_every > 0 and (self.step + 1) % args.entropy_every == 0
         loss_options = {"beta": args.beta, "epsilon_low": args.epsilon, "epsilon_high": args.epsilon_high,
+                        "importance_sampling_level": args.importance_sampling_level,
                         "max_completion_length": args.max_new_tokens, "num_items_in_batch": num_items}
         for _ in range(args.num_iterations):
             result = accumulate(fabric, self.model, batch, args.loss_type, loss_options, size, args.temperature,
@@ -304,12 +346,7 @@ class Trainer:
 
     def fit(self) -> Path:
         args, fabric = self.args, self.fabric
-        checkpoint = latest_checkpoint(self.run_dir) if args.resume else None
-        if args.resume and checkpoint is None:
-            log.info("--resume: no checkpoint in %s, starting fresh", self.run_dir)
-        if not args.resume and latest_checkpoint(self.run_dir) is not None:
-            raise UserError(f"'{self.run_dir}' already has checkpoints: pass --resume to continue it or "
-                            "--run_name for a new run")
+        checkpoint = self.checkpoint
         if checkpoint is not None:
             self.restore(checkpoint)
         if fabric.is_global_zero:
@@ -325,14 +362,19 @@ class Trainer:
             self._evaluate()
         bar = tqdm(range(self.step, args.max_steps), initial=self.step, total=args.max_steps, desc="grpo",
                    disable=not fabric.is_global_zero)
+        window: list[dict[str, Any]] = []  # metrics of the steps since the last logged row
         for _ in bar:
             out = self.training_step(self.sampler.next_batch())
             self.step += 1
-            self.tables["metrics"].extend([out["metrics"]])
+            window.append(out["metrics"])
             self.tables["samples"].extend(out["samples"])
-            fabric.log_dict(numeric_only(out["metrics"]), step=self.step)
-            if fabric.is_global_zero:
-                self.tables["metrics"].flush()
+            if self.step % args.logging_steps == 0 or self.step == args.max_steps:
+                row = window_mean(window)
+                window = []
+                self.tables["metrics"].extend([row])
+                fabric.log_dict(numeric_only(row), step=self.step)
+                if fabric.is_global_zero:
+                    self.tables["metrics"].flush()
             m = out["metrics"]
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}",
                             tok_s=f"{m['tokens_per_s']:.0f}")
@@ -374,10 +416,6 @@ class Trainer:
                  "curriculum.png, metadata.json)", self.step, runtime,
                  metadata["final_metrics"].get("reward_mean", float("nan")), acc, self.run_dir)
         return self.run_dir
-
-
-def _devices(value: str) -> int | str:
-    return int(value) if str(value).isdigit() else value
 
 
 def run(args: GRPOArgs) -> Path:
