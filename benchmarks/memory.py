@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 TARGET_RATIO = 0.25
@@ -155,14 +155,16 @@ class PeakMemory:
 
 
 def run_probe(probe: Probe) -> dict[str, Any]:
-    """Build the policy, take the warm-up step, then the measured one: memory held before it, and the
-    peak above that during forward/backward and during the optimizer step."""
+    """Build the policy and take a warm-up step (so AdamW's states exist, as in every later step); then
+    measure the memory held before the next step, the activations a forward saves for backward, and
+    the peaks above the held memory during forward/backward and during the optimizer step."""
     import lightning as L
-    import torch
-    import transformers  # noqa: F401 - imported before the baseline, like everything the step uses
+    import torch  # noqa: F401 - imported before the baseline, like everything the step uses
+    import transformers  # noqa: F401
 
+    from pipeline.grpo.logprobs import completion_logprobs
     from pipeline.grpo.microbatch import accumulate
-    from pipeline.grpo.policy import setup, trainable_parameters
+    from pipeline.grpo.policy import build_optimizer, setup
 
     if probe.lora:
         import peft  # noqa: F401
@@ -170,9 +172,9 @@ def run_probe(probe: Probe) -> dict[str, Any]:
     memory = PeakMemory(cuda)
     base = memory.current()
     fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=1, precision=probe.precision)
+    args = grpo_args(probe)
     policy = random_policy(probe)
-    trainable = trainable_parameters(policy)
-    model, optimizer = setup(fabric, policy, torch.optim.AdamW(trainable, lr=1e-6))
+    model, optimizer = setup(fabric, policy, build_optimizer(policy, args))
 
     def backward(batch) -> None:
         options = {"num_items_in_batch": batch.completion_mask.sum()}
@@ -189,6 +191,12 @@ def run_probe(probe: Probe) -> dict[str, Any]:
     batch = random_batch(probe, 1, 16, fabric.device) if probe.empty else random_batch(probe, probe.G, probe.T,
                                                                                         fabric.device)
     held = memory.reset()
+    part = batch.rows(slice(0, probe.micro_batch or len(batch)))
+    logps, _ = completion_logprobs(model, part.input_ids, part.attention_mask, part.completion_len,
+                                   chunk_size=probe.chunk)
+    saved = memory.current() - held  # what one micro-batch's forward keeps for its backward
+    del logps
+    memory.reset()
     start = time.perf_counter()
     backward(batch)
     backward_peak = memory.peak()
@@ -196,20 +204,41 @@ def run_probe(probe: Probe) -> dict[str, Any]:
     optimizer_step()
     optimizer_peak = memory.peak()
     seconds = time.perf_counter() - start
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     return {"probe": asdict(probe), "params": sum(p.numel() for p in policy.parameters()),
-            "trainable": sum(p.numel() for p in trainable), "held_bytes": held - base,
+            "trainable": sum(p.numel() for p in trainable), "held_bytes": held - base, "saved_bytes": saved,
             "backward_bytes": backward_peak - held, "optimizer_bytes": optimizer_peak - held,
             "peak_bytes": max(backward_peak, optimizer_peak) - base, "step_s": seconds,
             "memory": "torch.cuda.max_memory_allocated" if cuda else "resident memory (VmHWM, VmRSS)"}
 
 
-def measure(probe: Probe) -> dict[str, Any]:
-    """``run_probe`` in a fresh process, so its peak is its own; large allocations are mmap'd so freed memory leaves."""
+def run_head_probe(shape: Shape, rows: int, chunk: int) -> dict[str, Any]:
+    """Forward and backward of the LM head alone over ``rows`` positions: peak bytes per logit element,
+    less the head's weight gradient (and, in chunks, the buffer each chunk's gradient is summed from)."""
+    import torch
+
+    from pipeline.grpo.logprobs import ChunkedHead
+
+    memory = PeakMemory(cuda=False)
+    head = torch.nn.Linear(shape.hidden, shape.vocab, bias=False)
+    hidden = torch.randn(1, rows + 1, shape.hidden, requires_grad=True)
+    targets = torch.randint(0, shape.vocab, (1, rows))
+    held = memory.reset()
+    ChunkedHead(head.forward, targets, 1.0, chunk, with_entropy=True)(hidden).sum().backward()
+    gradient = head.weight.numel() * 4 * (2 if 0 < chunk < rows else 1)  # chunks add into an accumulation buffer
+    transient = memory.peak() - held - gradient
+    return {"rows": rows, "chunk": chunk, "bytes_per_logit": transient / (min(chunk or rows, rows) * shape.vocab)}
+
+
+def measure(probe: Probe | dict[str, Any]) -> dict[str, Any]:
+    """A probe (or a head probe, given as a dict) in a fresh process, so its peak is its own; large
+    allocations are mmap'd, so freed memory leaves the resident set."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--probe", json.dumps(asdict(probe))],
-                         capture_output=True, text=True, env=env, check=False)
+    spec = ["--head", json.dumps(probe)] if isinstance(probe, dict) else ["--probe", json.dumps(asdict(probe))]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.memory", *spec], capture_output=True, text=True, env=env,
+                         check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"probe {probe} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"probe {spec} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -227,23 +256,19 @@ class Config:
     P: int = 64
     micro_batch: int = 2
     chunk: int = 512
-    predict_G: int = 8  # the GPU predictions' step: G completions of predict_T tokens
-    predict_T: int = 1024
-    predict_chunk: int = 512
+    predict_T: int = 1024  # the GPU predictions' completions (G does not matter after micro-batching)
     lora_r: int = 16  # peft's default targets for Qwen2: q_proj, v_proj
-    probes: list[str] = field(default_factory=lambda: ["empty", "before", "after_chunk", "after_2chunk", "after"])
 
 
-QUICK = Config(shape=SMALL.name, G=4, T=256, P=32, chunk=128)
+QUICK = Config(shape=SMALL.name, G=4, T=256, P=32, chunk=64)
+PROBES = ("empty", "before_1", "before_2", "after_1", "after")
 
 
 def _probes(cfg: Config) -> dict[str, Probe]:
     common = Probe(shape=cfg.shape, G=cfg.G, T=cfg.T, P=cfg.P)
     after = replace(common, micro_batch=cfg.micro_batch, chunk=cfg.chunk, checkpointing=True)
-    one_micro_batch = replace(after, G=cfg.micro_batch)
-    return {"empty": replace(common, empty=True, G=1), "before": replace(common, G=1, **BEFORE),
-            "after_chunk": one_micro_batch, "after_2chunk": replace(one_micro_batch, chunk=2 * cfg.chunk),
-            "after": after}
+    return {"empty": replace(common, empty=True, G=1), "before_1": replace(common, G=1, **BEFORE),
+            "before_2": replace(common, G=2, **BEFORE), "after_1": replace(after, G=1, micro_batch=1), "after": after}
 
 
 def lora_params(shape: Shape, r: int) -> int:
@@ -262,57 +287,74 @@ def shape_params(shape: Shape) -> int:
 
 
 def predict(costs: dict[str, float], shape: Shape, cfg: Config, lora: bool) -> dict[str, float]:
-    """Peak of one step under bf16-mixed on a GPU, from the measured costs (fp32 CPU activations: an upper bound).
+    """Peak of one step under bf16-mixed on a GPU from the measured costs: a sum of parts, an upper bound.
 
-    Held through the step: weights and AdamW states (full fine-tune, at the measured bytes per
-    parameter), or the frozen base in bf16 (2 bytes) and the adapter's. On top of that, the larger
-    of forward/backward (gradients, autocast's bf16 weight copies (2 bytes per fp32 weight), the
-    checkpointed activations of one micro-batch, one logits chunk) and the optimizer step (its
-    measured temporaries per trained parameter).
+    Held through the step: the trained weights with their AdamW states (measured bytes per
+    parameter), and for LoRA the frozen base in bf16 (2 bytes). During forward/backward, on top:
+    the gradients (4 bytes per trained parameter), autocast's bf16 copies of fp32 weights (2 bytes
+    per parameter, full fine-tune), the vocabulary matrices' gradient temporaries (full fine-tune),
+    the checkpointed activations of one micro-batch, one layer's full activations (recomputed), one
+    logits chunk. The CPU measurements are fp32, where bf16-mixed keeps some activations in bf16.
     """
     params = shape_params(shape)
     trained = lora_params(shape, cfg.lora_r) if lora else params
+    tokens = cfg.micro_batch * (cfg.P + cfg.predict_T)
     held = trained * costs["held_per_param"] + (params * 2 if lora else 0)
-    activations = costs["bytes_per_activation"] * cfg.micro_batch * (cfg.P + cfg.predict_T) * shape.layers * shape.hidden
-    logits = costs["bytes_per_chunk_logit"] * cfg.predict_chunk * shape.vocab
-    backward = trained * costs["grad_per_param"] + (0 if lora else 2 * params) + activations + logits
-    optimizer = trained * costs["optimizer_per_param"]
-    return {"params": params, "held_gb": held / GB, "backward_gb": backward / GB, "activations_gb": activations / GB,
-            "logits_gb": logits / GB, "optimizer_gb": optimizer / GB, "peak_gb": (held + max(backward, optimizer)) / GB}
+    vocabulary = shape.vocab * shape.hidden * 4 * (1 if shape.tied else 2)
+    parts = {
+        "gradients": trained * 4 + (0 if lora else 2 * params + 2 * vocabulary),
+        "checkpointed": costs["checkpointed_per_element"] * tokens * shape.layers * shape.hidden,
+        "one layer": costs["layer_per_element"] * tokens * shape.hidden,
+        "logits chunk": costs["chunk_per_logit"] * cfg.chunk * shape.vocab,
+    }
+    backward = sum(parts.values())
+    return {"params": params, "held_gb": held / GB, **{f"{k}_gb": v / GB for k, v in parts.items()},
+            "peak_gb": (held + backward) / GB}
 
 
 def run(ctx: Any, cfg: Config) -> dict[str, Any]:
     probes = _probes(cfg)
+    shape = SHAPES[cfg.shape]
     r: dict[str, Any] = {}
-    for name in cfg.probes:
+    for name in PROBES:
         probe = probes[name]
         print(f"  probe {name}: G={probe.G} T={probe.T} micro-batch={probe.micro_batch} chunk={probe.chunk} "
               f"checkpointing={probe.checkpointing} (available memory {available_bytes() / GB:.1f} GB)", flush=True)
         r[name] = measure(probe)
         print(f"    held {r[name]['held_bytes'] / GB:.2f} GB + forward/backward {r[name]['backward_bytes'] / GB:.2f} GB"
               f" / optimizer {r[name]['optimizer_bytes'] / GB:.2f} GB; step {r[name]['step_s']:.1f} s", flush=True)
-    shape = SHAPES[cfg.shape]
+    heads = {name: measure({"shape": cfg.shape, "rows": cfg.T, "chunk": chunk})
+             for name, chunk in (("before", 0), ("chunk", cfg.chunk))}
     params = r["empty"]["params"]
     held = r["after"]["held_bytes"]
-    gradients = r["empty"]["backward_bytes"]
-    per_completion = r["before"]["backward_bytes"] - gradients
-    before = held + max(gradients + cfg.G * per_completion, r["after"]["optimizer_bytes"])
+
+    def backward(name: str) -> int:
+        return r[name]["backward_bytes"]
+
+    per_completion = backward("before_2") - backward("before_1")  # the before step is linear in the batch
+    before = held + max(backward("before_1") + (cfg.G - 1) * per_completion, r["after"]["optimizer_bytes"])
     after = r["after"]["peak_bytes"]
-    chunk_logit = (r["after_2chunk"]["backward_bytes"] - r["after_chunk"]["backward_bytes"]) / (cfg.chunk * shape.vocab)
-    activations = r["after_chunk"]["backward_bytes"] - gradients - chunk_logit * cfg.chunk * shape.vocab
-    costs = {"held_per_param": held / params, "grad_per_param": gradients / params,
-             "optimizer_per_param": r["after"]["optimizer_bytes"] / params,
-             "bytes_per_logit_before": per_completion / (cfg.T * shape.vocab), "bytes_per_chunk_logit": chunk_logit,
-             "bytes_per_activation": activations / (cfg.micro_batch * (cfg.P + cfg.T) * shape.layers * shape.hidden)}
+    tokens = cfg.P + cfg.T  # per completion
+    logits_saved = cfg.T * shape.vocab * 4  # the before forward keeps its fp32 logits for backward
+    costs = {"held_per_param": held / params,
+             "before_per_completion_gb": per_completion / GB,
+             "before_per_logit": per_completion / (cfg.T * shape.vocab),
+             "head_before_per_logit": heads["before"]["bytes_per_logit"],
+             "chunk_per_logit": heads["chunk"]["bytes_per_logit"],
+             "checkpointed_per_element": r["after_1"]["saved_bytes"] / (tokens * shape.layers * shape.hidden),
+             "layer_per_element": max(r["before_1"]["saved_bytes"] - logits_saved, 0) / (tokens * shape.layers
+                                                                                         * shape.hidden)}
     predictions = {"1.5B full": predict(costs, QWEN_15B, cfg, lora=False),
                    "7B LoRA": predict(costs, QWEN_7B, cfg, lora=True)}
-    summary = {"config": asdict(cfg), "probes": r, "costs": costs, "before_bytes": before, "after_bytes": after,
-               "ratio": after / before, "predictions": predictions}
+    summary = {"config": asdict(cfg), "probes": r, "heads": heads, "costs": costs, "before_bytes": before,
+               "after_bytes": after, "ratio": after / before, "predictions": predictions}
+    setting = f"{shape.name}, G={cfg.G} x {cfg.T} tokens, CPU resident memory" + (" (quick: not the issue's model)"
+                                                                                  if shape != QWEN_05B else "")
     summary["checks"] = [
-        {"name": "memory after / before (one step, G x T)", "value": summary["ratio"], "target": TARGET_RATIO,
-         "op": "<=", "detail": f"{shape.name}, G={cfg.G} x {cfg.T} tokens, CPU resident memory"},
+        {"name": "memory after / before (one step)", "value": summary["ratio"], "target": TARGET_RATIO, "op": "<=",
+         "detail": setting},
         *({"name": f"predicted peak GB, {name}, bf16-mixed", "value": p["peak_gb"], "target": TARGET_GB,
-           "op": "<=", "detail": f"G={cfg.predict_G} x {cfg.predict_T}, micro-batch {cfg.micro_batch}"}
+           "op": "<=", "detail": f"x {cfg.predict_T} tokens, micro-batch {cfg.micro_batch}, chunk {cfg.chunk}"}
           for name, p in predictions.items()),
     ]
     return summary
@@ -326,34 +368,42 @@ def rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
                 f"{p[name]['backward_bytes'] / GB:.2f}, optimizer {p[name]['optimizer_bytes'] / GB:.2f}))")
 
     out = [("model", f"{c['shape']} random weights, {p['empty']['params'] / 1e6:.0f}M parameters, fp32, CPU"),
-           ("step", f"G={c['G']} completions x {c['T']} tokens (+{c['P']} prompt), dapo, AdamW, generation excluded"),
+           ("step", f"G={c['G']} completions x {c['T']} tokens (+{c['P']} prompt), dapo, fused AdamW, "
+                    "generation excluded"),
            ("empty step (one 16-token completion) GB", split("empty")),
-           ("before, G=1 measured GB", split("before")),
-           (f"before, G={c['G']} (G=1 extrapolated linearly in G) GB", s["before_bytes"] / GB),
+           ("before, 1 / 2 completions measured GB", f"{split('before_1')} / {split('before_2')}"),
+           (f"before, G={c['G']} (linear in the completions) GB", s["before_bytes"] / GB),
            (f"after, G={c['G']} measured GB (micro-batch {c['micro_batch']}, chunk {c['chunk']}, checkpointing)",
             split("after")),
-           (f"after, G={c['micro_batch']} measured GB, chunk {c['chunk']}", split("after_chunk")),
-           (f"after, G={c['micro_batch']} measured GB, chunk {2 * c['chunk']}", split("after_2chunk")),
            ("after / before", s["ratio"]),
-           (f"step s: before G=1 / after G={c['G']}", f"{p['before']['step_s']:.1f} / {p['after']['step_s']:.1f}"),
-           ("bytes per parameter held (fp32 weight + AdamW states) / gradients / optimizer step",
-            f"{k['held_per_param']:.1f} / {k['grad_per_param']:.1f} / {k['optimizer_per_param']:.1f}"),
-           ("bytes per logit element before (incl. its completion's activations)", k["bytes_per_logit_before"]),
-           ("bytes per logit element of a chunk", k["bytes_per_chunk_logit"]),
-           ("bytes per checkpointed activation (token x layer x hidden)", k["bytes_per_activation"])]
+           (f"step s: before 2 completions / after G={c['G']}", f"{p['before_2']['step_s']:.1f} / "
+                                                                f"{p['after']['step_s']:.1f}"),
+           ("bytes held per parameter (fp32 weight + AdamW states)", k["held_per_param"]),
+           ("before: GB per completion / bytes per logit element (with its activations)",
+            f"{k['before_per_completion_gb']:.2f} / {k['before_per_logit']:.1f}"),
+           ("LM head alone, bytes per logit element: all at once / per chunk",
+            f"{k['head_before_per_logit']:.1f} / {k['chunk_per_logit']:.1f}"),
+           ("bytes per activation element (token x layer x hidden): checkpointed / all kept",
+            f"{k['checkpointed_per_element']:.1f} / {k['layer_per_element']:.1f}")]
     for name, pred in s["predictions"].items():
+        parts = ", ".join(f"{part} {pred[f'{part}_gb']:.1f}" for part in ("gradients", "checkpointed", "one layer",
+                                                                           "logits chunk"))
         out.append((f"predicted GPU peak, {name} ({pred['params'] / 1e9:.2f}B), bf16-mixed GB",
-                    f"{pred['peak_gb']:.1f} (held {pred['held_gb']:.1f} + max(forward/backward {pred['backward_gb']:.1f}"
-                    f" incl. activations {pred['activations_gb']:.1f} and logits chunk {pred['logits_gb']:.1f}, "
-                    f"optimizer {pred['optimizer_gb']:.1f}))"))
+                    f"{pred['peak_gb']:.1f} (held {pred['held_gb']:.1f} + {parts})"))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one memory probe (used by the memory benchmark)")
-    parser.add_argument("--probe", required=True, help="JSON of a Probe")
-    probe = Probe(**json.loads(parser.parse_args(argv).probe))
-    print(json.dumps(run_probe(probe)))
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--probe", help="JSON of a Probe: one stage-3 step")
+    group.add_argument("--head", help='JSON {"shape": ..., "rows": ..., "chunk": ...}: the LM head alone')
+    args = parser.parse_args(argv)
+    if args.probe:
+        print(json.dumps(run_probe(Probe(**json.loads(args.probe)))))
+    else:
+        head = json.loads(args.head)
+        print(json.dumps(run_head_probe(SHAPES[head["shape"]], head["rows"], head["chunk"])))
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ def make_batch(vocab_size: int) -> PolicyBatch:
                        old_logps=noise * 0.1, ref_logps=noise * 0.3)  # filled in below from the model
 
 
-def _step(fabric, model, batch, loss_type, size, **kwargs):
+def _step(fabric, model, batch, loss_type, size, level="token", **kwargs):
     model.zero_grad(set_to_none=True)
-    options = {"beta": 0.04 if batch.ref_logps is not None else 0.0, "epsilon_low": 0.2, "epsilon_high": 1.1 if loss_type == "cispo" else 0.28,
+    options = {"beta": 0.04 if batch.ref_logps is not None else 0.0, "importance_sampling_level": level, "epsilon_low": 0.2, "epsilon_high": 1.1 if loss_type == "cispo" else 0.28,
                "max_completion_length": batch.completion_len + 2,
                "num_items_in_batch": batch.completion_mask.sum()}
     result = accumulate(fabric, model, batch, loss_type, options, size, temperature=0.9, **kwargs)
@@ -56,13 +56,14 @@ def _assert_same(one, many):
 
 @pytest.mark.parametrize("loss_type", sorted(POLICY_LOSSES))
 @pytest.mark.parametrize("size", [1, 4])
-def test_micro_batches_equal_one_batch(setup, loss_type, size):
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_micro_batches_equal_one_batch(setup, loss_type, size, level):
     fabric, model = setup
     batch = make_batch(model.config.vocab_size)
     logps, _ = score(model, batch, None, 0.9)
     batch.old_logps, batch.ref_logps = logps + batch.old_logps, logps + batch.ref_logps  # off-policy, KL > 0
-    one = _step(fabric, model, batch, loss_type, None, with_entropy=True)
-    many = _step(fabric, model, batch, loss_type, size, with_entropy=True)
+    one = _step(fabric, model, batch, loss_type, None, level, with_entropy=True)
+    many = _step(fabric, model, batch, loss_type, size, level, with_entropy=True)
     _assert_same(one, many)
     torch.testing.assert_close(many[0].entropies, one[0].entropies, rtol=0, atol=1e-9)
     assert one[0].metrics["kl"] > 0

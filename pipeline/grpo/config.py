@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline import samplers
 from pipeline.errors import UserError
 from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
-from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.policy import check_precision
-from pipeline.grpo.softmask import SOFTMASKS
-from pipeline.importance.loss import LIKELIHOODS
 
 NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
 SCALE_REWARDS = ("group", "batch", "none")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers.get_scheduler names
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 IMPORTANCE_SOURCES = ("offline", "online")
+# Where and how a run runs, or how long and how often it reports: these may change on --resume, and they
+# are not part of the default run name. Every other argument defines the run and must match on --resume.
+RESUMABLE_ARGS = ("max_steps", "eval_every", "save_every", "save_total_limit", "logging_steps", "report_to",
+                  "devices", "num_nodes", "strategy", "batch_size", "backend", "tensor_parallel_size",
+                  "gpu_memory_utilization", "max_model_len", "dtype", "require_importance_gain",
+                  "per_device_train_batch_size", "logprob_chunk_size", "entropy_every", "gradient_checkpointing")
+LOCATION_ARGS = ("out_dir", "run_name", "resume")
 
 
 @dataclass
@@ -48,12 +56,18 @@ class GRPOArgs:
     beta: float = 0.0
     num_iterations: int = 1
     mask_truncated_completions: bool = False
+    importance_sampling_level: str = "token"
     lr: float = 1e-6
+    lr_scheduler_type: str = "linear"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 10
     save_every: int = 10
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    report_to: tuple[str, ...] = ("csv",)
     backend: str = "hf"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.3  # colocated with training: leave the rest to the policy
@@ -89,54 +103,51 @@ class GRPOArgs:
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
-        skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend",
-                "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype",
-                "require_importance_gain", "per_device_train_batch_size", "logprob_chunk_size", "entropy_every",
-                "gradient_checkpointing"}
-        data = {k: v for k, v in asdict(self).items() if k not in skip}
+        data = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_ARGS + LOCATION_ARGS}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    def warmup(self) -> int:
+        """Warm-up steps: --warmup_steps, else --warmup_ratio of --max_steps rounded up (transformers' rule)."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
+
+
+def changed_on_resume(saved: dict[str, Any], given: GRPOArgs) -> list[str]:
+    """The defining arguments whose given value differs from the checkpoint's (absent ones are not compared)."""
+    now = json.loads(json.dumps(asdict(given), default=str))
+    before = json.loads(json.dumps(saved, default=str))
+    return [k for k in now if k not in RESUMABLE_ARGS + LOCATION_ARGS and k in before and before[k] != now[k]]
 
 
 def validate(args: GRPOArgs) -> None:
-    if args.group_size < 2:
-        raise UserError(f"--group_size must be >= 2 (got {args.group_size}): advantages compare completions "
-                        "of the same prompt")
-    if args.softmask not in SOFTMASKS:
-        raise UserError(f"unknown --softmask '{args.softmask}': choose one of {', '.join(SOFTMASKS)}")
-    if args.importance not in IMPORTANCE_SOURCES:
-        raise UserError(f"--importance must be one of {', '.join(IMPORTANCE_SOURCES)}, got '{args.importance}'")
+    """Checks across options and of names resolved at run time; each option's own range and choices are
+    checked by the CLI's types (pipeline/cli.py)."""
     if args.importance == "online":
         _validate_online(args)
     elif args.softmask in NEEDS_IMPORTANCE and not args.importance_net:
         raise UserError(f"--softmask {args.softmask} needs --importance_net <stage-2 run>/export "
-                        "(train one with train_importance_net.py)")
-    if args.loss_type not in POLICY_LOSSES:
-        raise UserError(f"unknown --loss_type '{args.loss_type}': choose one of {', '.join(POLICY_LOSSES)}")
-    if args.scale_rewards not in SCALE_REWARDS:
-        raise UserError(f"--scale_rewards must be one of {', '.join(SCALE_REWARDS)}")
-    if not 0 <= args.softmask_strength <= 1 or not 0 < args.entropy_quantile <= 1:
-        raise UserError("need 0 <= --softmask_strength <= 1 and 0 < --entropy_quantile <= 1")
-    if args.max_steps < 1 or args.prompts_per_step < 1 or args.num_iterations < 1:
-        raise UserError("--max_steps, --prompts_per_step and --num_iterations must be >= 1")
-    if (args.per_device_train_batch_size or 1) < 1 or args.logprob_chunk_size < 0 or args.entropy_every < 0:
-        raise UserError("need --per_device_train_batch_size >= 1, --logprob_chunk_size >= 0 (0: all at once) "
-                        "and --entropy_every >= 0 (0: never)")
-    if args.use_peft and (args.lora_r < 1 or args.lora_alpha <= 0 or not 0 <= args.lora_dropout < 1):
-        raise UserError("--use_peft needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1")
+                        "(train one with train_importance_net.py), or --importance online")
+    if args.importance_net and args.softmask not in NEEDS_IMPORTANCE:
+        raise UserError(f"--importance_net is only used by --softmask {' or '.join(NEEDS_IMPORTANCE)} "
+                        f"(got --softmask {args.softmask}): pick one of those or drop --importance_net")
+    if args.warmup_steps and args.warmup_ratio:
+        raise UserError("give --warmup_steps or --warmup_ratio, not both")
+    if args.lr_scheduler_type == "constant" and args.warmup():
+        raise UserError("--lr_scheduler_type constant has no warm-up: use constant_with_warmup, or drop "
+                        "--warmup_steps/--warmup_ratio")
+    if args.warmup() > args.max_steps:
+        raise UserError(f"{args.warmup()} warm-up steps exceed --max_steps {args.max_steps}: lower the warm-up")
+    try:
+        samplers.check_params(args.sampler, args.sampler_params)
+    except ValueError as err:
+        raise UserError(f"--sampler {args.sampler}: {err}") from err
     check_precision(args.precision, args.use_peft)
 
 
 def _validate_online(args: GRPOArgs) -> None:
+    """``--importance online``'s needs across options; its own options' ranges are the CLI's types."""
     if args.softmask not in NEEDS_IMPORTANCE:
         raise UserError(f"--importance online feeds the soft masks that read f ({', '.join(NEEDS_IMPORTANCE)}), "
                         f"not --softmask {args.softmask}")
     if args.group_size % 2:
         raise UserError(f"--importance online draws each group as sister pairs: --group_size must be even "
                         f"(got {args.group_size})")
-    if min(args.online_refit_every, args.online_refit_iters) < 1 or args.online_buffer_size < 2:
-        raise UserError("need --online_refit_every >= 1, --online_refit_iters >= 1 and --online_buffer_size >= 2")
-    if not args.online_lr > 0 or args.online_state_l2 < 0 or not 0 < args.online_heldout_fraction < 1:
-        raise UserError("need --online_lr > 0, --online_state_l2 >= 0 and 0 < --online_heldout_fraction < 1")
-    if args.online_likelihood not in ("auto", *LIKELIHOODS):
-        raise UserError(f"--online_likelihood must be auto or one of {', '.join(LIKELIHOODS)}, "
-                        f"got '{args.online_likelihood}'")

@@ -33,13 +33,15 @@ def position_ids_for(attention_mask: Tensor) -> Tensor:
 def _selected_logprobs(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, temperature: float,
                        with_entropy: bool) -> tuple[Tensor, ...]:
     """log softmax(head(hidden) / T)[target] of each row, and its entropy (no gradient) if asked."""
-    logits = head(hidden).float() / temperature
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     log_norm = logits.logsumexp(-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     if not with_entropy:
         return (logps,)
-    with torch.no_grad():
-        entropy = log_norm - (logits.softmax(-1) * logits).sum(-1)
+    with torch.no_grad():  # H = log Z - sum p * logit, the dot product without a (rows, vocabulary) temporary
+        entropy = log_norm - torch.einsum("rv,rv->r", logits.softmax(-1), logits)
     return logps, entropy
 
 

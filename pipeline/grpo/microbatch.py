@@ -5,7 +5,7 @@ loss is scaled by its share of the whole batch's normaliser, so the gradients ad
 one-batch gradient and the summed losses to the one-batch loss: dapo and cispo already divide by
 the step's global token count; grpo, dr_grpo and luspo average over sequences (share: the
 micro-batch's sequences), bnpo over the batch's tokens (share: its tokens). Metrics (clip ratios,
-KL) are token means, combined with token shares. Under DDP only the last micro-batch's backward
+KL) are token or sequence means, combined with the matching shares. Under DDP only the last micro-batch's backward
 all-reduces (``fabric.no_backward_sync``).
 """
 
@@ -87,6 +87,13 @@ SHARES: dict[Callable, Callable[[Tensor, slice], Tensor]] = {
 }
 
 
+def _metric_share(name: str, loss_options: dict[str, Any], mask: Tensor, rows: slice) -> Tensor:
+    """``compute_policy_loss``'s metrics are token means, except the clip indicators of sequence-level
+    ratios (GSPO), which are means over sequences."""
+    per_sequence = loss_options.get("importance_sampling_level") == "sequence" and name != "kl"
+    return _sequence_share(mask, rows) if per_sequence else _token_share(mask, rows)
+
+
 def loss_share(loss_type: str, completion_mask: Tensor, rows: slice) -> Tensor:
     normalizer = POLICY_LOSSES[loss_type].normalizer
     if normalizer not in SHARES:
@@ -149,9 +156,8 @@ def accumulate(fabric: Any, model: torch.nn.Module, batch: PolicyBatch, loss_typ
             share = loss_share(loss_type, mask, rows)
             fabric.backward(part_loss * share)
         loss = loss + part_loss.detach() * share
-        tokens = _token_share(mask, rows)
         for name, value in part_metrics.items():
-            metrics[name] = metrics.get(name, 0.0) + value * tokens
+            metrics[name] = metrics.get(name, 0.0) + value * _metric_share(name, loss_options, mask, rows)
         parts.append(part_entropies)
     if need_entropy:
         entropies = torch.cat(parts)

@@ -18,46 +18,47 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import get_scheduler
 
 from pipeline import artifacts, samplers
+from pipeline.cli import check_lightning
 from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
 from pipeline.generation.select import make_backend, resolve_backend
 from pipeline.generation.vllm import VLLMOptions
 from pipeline.grpo import online_importance
 from pipeline.grpo.advantages import group_advantages, zero_std_fraction
-from pipeline.grpo.config import NEEDS_IMPORTANCE, GRPOArgs, validate
+from pipeline.grpo.config import NEEDS_IMPORTANCE, RESUMABLE_ARGS, GRPOArgs, changed_on_resume, validate
 from pipeline.grpo.evaluation import evaluate
 from pipeline.grpo.importance_guard import check_importance_gain
 from pipeline.grpo.losses import mask_truncated_completions
 from pipeline.grpo.microbatch import PolicyBatch, accumulate, score
 from pipeline.grpo.paired_rollout import collect_pairs
 from pipeline.grpo.policy import (
+    build_optimizer,
     build_policy,
     build_reference,
     checkpoint_entry,
     reference_model,
     save_policy,
     setup,
-    trainable_parameters,
 )
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
-from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve
+from pipeline.grpo.reporting import RunTable, refresh_plots, window_mean
 from pipeline.grpo.rollout import Experience, collect
-from pipeline.grpo.softmask import soft_mask_weights, weight_stats
-from pipeline.hybrid_reward import prepare_hybrid
+from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights, weight_stats
+from pipeline.hybrid_reward import check_hybrid_args, prepare_hybrid
 from pipeline.models import load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.scoring import check_reward_arguments, parse_reward_weights
 from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
+from pipeline.trackers import make_loggers, numeric_only
 
 log = logging.getLogger(__name__)
 CKPT_GLOB = "step-*.ckpt"
-KEEP_CHECKPOINTS = 2
 
 
 def run_dir_for(args: GRPOArgs) -> Path:
@@ -68,6 +69,46 @@ def run_dir_for(args: GRPOArgs) -> Path:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / "checkpoints").glob(CKPT_GLOB))
     return found[-1] if found else None
+
+
+def checkpoint_args(path: Path) -> dict[str, Any]:
+    """The arguments a checkpoint was saved with, without reading its tensors (a sharded checkpoint is a
+    directory whose meta.pt holds them)."""
+    file = path / "meta.pt" if path.is_dir() else path
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=not path.is_dir())["args"]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise UserError(f"checkpoint '{path}' does not load ({type(err).__name__}): delete it to resume from the "
+                        "one before, or pass a new --run_name") from err
+
+
+def resume_from(run_dir: Path, args: GRPOArgs) -> Path | None:
+    """The checkpoint to continue, checked before anything loads: a run without --resume never writes over
+    one with checkpoints, and a resume must keep every defining argument."""
+    artifacts.check_writable(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        if args.resume:
+            log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
+        return None
+    if not args.resume:
+        raise UserError(f"'{run_dir}' already has checkpoints: pass --resume to continue it or --run_name for a "
+                        "new run")
+    saved = checkpoint_args(checkpoint)
+    changed = changed_on_resume(saved, args)
+    if changed:
+        given = asdict(args)
+        differences = ", ".join(f"--{k} ({saved[k]!r} in the checkpoint, {given[k]!r} given)" for k in changed)
+        may_change = ", ".join(f"--{k}" for k in RESUMABLE_ARGS)
+        raise UserError(f"--resume: {differences} differ from the run in '{run_dir}': resume with the run's values "
+                        f"(only {may_change} may change), or pass a new --run_name")
+    return checkpoint
+
+
+def make_scheduler(args: GRPOArgs, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedule by name (TRL's default: linear), stepped once per training step over --max_steps."""
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup(),
+                         num_training_steps=args.max_steps)
 
 
 def _load_importance(args: GRPOArgs, tokenizer):
@@ -102,17 +143,21 @@ class Trainer:
 
     def __init__(self, args: GRPOArgs):
         validate(args)
+        args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
+        check_hybrid_args(args.rewards, args.reward_model)
+        args.backend = resolve_backend(args.backend)  # the metadata records which one ran
+        self.args = args
+        self.run_dir = run_dir_for(args)
+        self.checkpoint = resume_from(self.run_dir, args)
+        self.fabric = check_lightning(accelerator="auto", devices=args.devices, num_nodes=args.num_nodes,
+                                      strategy=args.strategy, precision=args.precision,
+                                      loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
         self.importance_check = (check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
                                  if args.importance == "offline" else None)  # online: judged during the run
-        args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
-        self.args = args
-        self.fabric = L.Fabric(accelerator="auto", devices=_devices(args.devices), num_nodes=args.num_nodes,
-                               strategy=args.strategy, precision=args.precision)
         self.fabric.launch()
         if args.prompts_per_step % self.fabric.world_size:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the "
                             f"{self.fabric.world_size} ranks: each rank owns whole groups")
-        self.run_dir = run_dir_for(args)
         self.tokenizer = load_tokenizer(args.model_name)
         self.importance = _load_importance(args, self.tokenizer)
         self.rows = build_rows(args.task_name, args.num_train_prompts, args.levels)
@@ -131,9 +176,8 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.policy = build_policy(args)
         self.reference = build_reference(args)  # None with LoRA: the policy with adapters disabled
-        optimizer = torch.optim.AdamW(trainable_parameters(self.policy), lr=args.lr, weight_decay=args.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
+        optimizer = build_optimizer(self.policy, args)
+        self.scheduler = make_scheduler(args, optimizer)
         self.model, self.optimizer = setup(self.fabric, self.policy, optimizer)
         if self.reference is not None:
             self.reference = self.fabric.to_device(self.reference)
@@ -143,7 +187,6 @@ class Trainer:
         if args.importance == "online":
             self.online = online_importance.from_args(args, self.policy.config.hidden_size, self.tokenizer,
                                                       self.fabric.device)
-        args.backend = resolve_backend(args.backend)  # the metadata records which one ran
         self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.policy,
                                     batch_size=args.batch_size, seed=args.seed,
                                     vllm=VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization,
@@ -171,11 +214,13 @@ class Trainer:
         self.fabric.save(tmp, self._state())
         self.fabric.barrier()
         if self.fabric.is_global_zero:
-            tmp.replace(path)
-            for old in sorted(folder.glob(CKPT_GLOB))[:-KEEP_CHECKPOINTS]:
-                old.unlink()
-            for table in self.tables.values():
+            for table in self.tables.values():  # first: a checkpoint never lacks the rows up to its step
                 table.flush()
+            tmp.replace(path)
+            for old in sorted(folder.glob(CKPT_GLOB))[:-self.args.save_total_limit]:
+                old.unlink()
+            for logger in self.fabric.loggers:
+                logger.save()
         self.fabric.barrier()
         return path
 
@@ -255,15 +300,16 @@ class Trainer:
         if self.online is not None:
             online_hook = self.online.weights_hook(args.softmask, args.softmask_strength, mask,
                                                    exp.completion_mask.sum(1).long().to(fabric.device), pairing)
-        elif args.softmask != "entropy":
+        elif args.softmask not in NEEDS_ENTROPY:
             batch.weights = self._weights(exp, mask, None)
         log_entropy = args.entropy_every > 0 and (self.step + 1) % args.entropy_every == 0
         loss_options = {"beta": args.beta, "epsilon_low": args.epsilon, "epsilon_high": args.epsilon_high,
+                        "importance_sampling_level": args.importance_sampling_level,
                         "max_completion_length": args.max_new_tokens, "num_items_in_batch": num_items}
         for _ in range(args.num_iterations):
             result = accumulate(fabric, self.model, batch, args.loss_type, loss_options, size, args.temperature,
                                 with_entropy=log_entropy, chunk_size=chunk,
-                                weights_from_entropies=entropy_mask if args.softmask == "entropy" else None,
+                                weights_from_entropies=entropy_mask if args.softmask in NEEDS_ENTROPY else None,
                                 weights_from_states=online_hook)
             if online_hook is not None:  # later iterations keep the first forward's weights
                 batch.weights, online_hook = result.weights, None
@@ -314,16 +360,15 @@ class Trainer:
     def _evaluate(self) -> None:
         rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens)
         self.tables["eval"].extend([{"step": self.step, **row} for row in rows])
+        self.fabric.log_dict({f"eval/{key}/level_{row['level']}": row[key] for row in rows
+                              for key in ("accuracy", "mean_length")}, step=self.step)
+        if self.fabric.is_global_zero:
+            refresh_plots(self.tables["metrics"].frame(), self.tables["eval"].frame(), self.run_dir)
         log.info("eval step %d: %s", self.step, ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in rows))
 
     def fit(self) -> Path:
         args, fabric = self.args, self.fabric
-        checkpoint = latest_checkpoint(self.run_dir) if args.resume else None
-        if args.resume and checkpoint is None:
-            log.info("--resume: no checkpoint in %s, starting fresh", self.run_dir)
-        if not args.resume and latest_checkpoint(self.run_dir) is not None:
-            raise UserError(f"'{self.run_dir}' already has checkpoints: pass --resume to continue it or "
-                            "--run_name for a new run")
+        checkpoint = self.checkpoint
         if checkpoint is not None:
             self.restore(checkpoint)
         if fabric.is_global_zero:
@@ -332,18 +377,26 @@ class Trainer:
         self.tables = {name: RunTable(self.run_dir / file, resume_step) for name, file in
                        (("metrics", "metrics.csv"), ("eval", "eval.csv"), ("samples", "samples.parquet"))}
         started, t0 = artifacts.now_iso(), time.perf_counter()
+        for logger in fabric.loggers:
+            logger.log_hyperparams(asdict(args))
         preempted = PreemptionFlag()
         if self.step == 0:
             self._evaluate()
         bar = tqdm(range(self.step, args.max_steps), initial=self.step, total=args.max_steps, desc="grpo",
                    disable=not fabric.is_global_zero)
+        window: list[dict[str, Any]] = []  # metrics of the steps since the last logged row
         for _ in bar:
             out = self.training_step(self.sampler.next_batch())
             self.step += 1
-            self.tables["metrics"].extend([out["metrics"]])
+            window.append(out["metrics"])
             self.tables["samples"].extend(out["samples"])
-            if fabric.is_global_zero:
-                self.tables["metrics"].flush()
+            if self.step % args.logging_steps == 0 or self.step == args.max_steps:
+                row = window_mean(window)
+                window = []
+                self.tables["metrics"].extend([row])
+                fabric.log_dict(numeric_only(row), step=self.step)
+                if fabric.is_global_zero:
+                    self.tables["metrics"].flush()
             m = out["metrics"]
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}",
                             tok_s=f"{m['tokens_per_s']:.0f}")
@@ -366,8 +419,7 @@ class Trainer:
         metrics, evals = self.tables["metrics"].frame(), self.tables["eval"].frame()
         for table in self.tables.values():
             table.flush()
-        plot_learning_curve(metrics, evals, self.run_dir / "learning_curve.png")
-        plot_curriculum(metrics, self.run_dir / "curriculum.png")
+        refresh_plots(metrics, evals, self.run_dir)
         policy_dir = self.run_dir / "policy"
         save_policy(self.policy, self.tokenizer, policy_dir)
         final_eval = evals[evals["step"] == evals["step"].max()] if not evals.empty else evals
@@ -378,16 +430,14 @@ class Trainer:
                     "final_metrics": metrics.iloc[-1].to_dict() if not metrics.empty else {},
                     **artifacts.provenance()}
         artifacts.write_json(self.run_dir / "metadata.json", metadata)
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
         acc = ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in metadata["final_eval"])
         log.info("GRPO done: %d steps in %.1f s; final reward %.3f; eval accuracy %s. Wrote %s "
                  "(policy/, checkpoints/, metrics.csv, eval.csv, samples.parquet, learning_curve.png, "
                  "curriculum.png, metadata.json)", self.step, runtime,
                  metadata["final_metrics"].get("reward_mean", float("nan")), acc, self.run_dir)
         return self.run_dir
-
-
-def _devices(value: str) -> int | str:
-    return int(value) if str(value).isdigit() else value
 
 
 def run(args: GRPOArgs) -> Path:
