@@ -34,9 +34,9 @@ from pipeline.grpo.paired_rollout import Pairing
 from pipeline.grpo.softmask import soft_mask_weights, weight_stats
 from pipeline.importance.data import TARGETS, VAR_EPS
 from pipeline.importance.forms import curve, f_along
-from pipeline.importance.loss import LIKELIHOODS, is_binary, resolve_likelihood
+from pipeline.importance.loss import LIKELIHOODS, best_constant_f, is_binary, resolve_likelihood
 from pipeline.importance.metrics import ValidationStats
-from pipeline.importance.model import NetConfig, head_logits, make_head, start_head
+from pipeline.importance.model import NetConfig, head_inputs, head_logits, make_head, start_head
 from pipeline.importance.train import starting_point
 
 if TYPE_CHECKING:
@@ -141,10 +141,11 @@ class OnlineHead(nn.Module):
         u = torch.arange(1, states.size(1), device=states.device).expand(states.size(0), -1)
         return curve(f_along(self.config.form, self.logits(states[:, 1:], u)), lengths, self.config.pin_end)
 
-    def pair_f(self, states: Tensor, pair: Tensor, u: Tensor, split: Tensor) -> Tensor:
-        """f(t) of pairs from their states (``pair``: the pair of each state, ``u``: its position); 0 at t = 0."""
+    def pair_f(self, inputs: Tensor, pair: Tensor, u: Tensor, split: Tensor) -> Tensor:
+        """f(t) of pairs from the head inputs of their states (``pair``: the pair of each state, ``u``: its
+        position; ``head_inputs``, computed once per refit); 0 at t = 0."""
         logits = torch.full((len(split), max(int(split.max()), 1)), float("-inf"), device=split.device)
-        logits = logits.index_put((pair, u - 1), self.logits(states, u))  # -inf: no hazard, sigmoid 0
+        logits = logits.index_put((pair, u - 1), self.head(inputs).squeeze(-1))  # -inf: no hazard, sigmoid 0
         f = f_along(self.config.form, logits).gather(1, (split - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         return torch.where(split > 0, f, torch.zeros_like(f))
 
@@ -278,15 +279,23 @@ class OnlineImportance:
         counts = torch.tensor([len(s) for s in chosen], dtype=torch.long)
         pair = torch.repeat_interleave(torch.arange(len(index)), counts)
         u = split[pair] - counts[pair] + 1 + torch.arange(len(pair)) - (counts.cumsum(0) - counts)[pair]  # last: t
+        states = torch.cat(chosen) if chosen else torch.empty(0, self.hidden_size)
         batch = {**{k: targets[k][index] for k in TARGETS}, "split": split, "u": u, "state_pair": pair,
                  "prompt_index": torch.unique(self.buffer.meta["prompt_id"][index], return_inverse=True)[1],
-                 "relative": split / length.clamp(min=1),
-                 "states": torch.cat(chosen) if chosen else torch.empty(0, self.hidden_size)}
+                 "relative": split / length.clamp(min=1)}
         device = next(self.head.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["inputs"] = head_inputs(states.to(device).float(), batch["u"], self.head.config.position_features)
+        return batch
 
     def _pair_f(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.head.pair_f(batch["states"], batch["state_pair"], batch["u"], batch["split"])
+        return self.head.pair_f(batch["inputs"], batch["state_pair"], batch["u"], batch["split"])
+
+    def _baseline(self, likelihood: str, train: Tensor) -> float:
+        """Stage 2's baseline: the best constant f for t > 0 on the training pairs (f(0) = 0 is pinned for all)."""
+        targets, _ = pooled_targets(self.buffer.meta)
+        moved = train & (self.buffer.meta["split"] > 0)
+        return best_constant_f(likelihood, {k: targets[k][moved] for k in TARGETS})
 
     def _starting_point(self, batch: dict[str, Tensor], likelihood: str) -> tuple[float, float]:
         """Stage 2's (best constant f, the head's starting value) on these pairs."""
@@ -317,7 +326,7 @@ class OnlineImportance:
             nan = float("nan")
             return {"loss": nan, "baseline_loss": nan, "gain": nan, "gain_ci95": [nan, nan],
                     "pairs": int(held.sum()), "train_pairs": float(train.sum())}
-        baseline_f, _ = self._starting_point(self._batch(train), likelihood)
+        baseline_f = self._baseline(likelihood, train)
         batch = self._batch(held)
         stats = ValidationStats(likelihood, baseline_f, int(batch["prompt_index"].max()) + 1, batch["split"].device)
         stats.update(self._pair_f(batch), batch)

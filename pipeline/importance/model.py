@@ -72,8 +72,8 @@ def start_head(head: nn.Module, form: str, value: float) -> None:
         last.bias.fill_(initial_bias(form, value))
 
 
-def head_logits(head: nn.Module, states: Tensor, u: Tensor, with_positions: bool) -> Tensor:
-    """a(u) (...) from states (..., H) at completion positions u (...): stage 2's net and stage 3's online head."""
+def head_inputs(states: Tensor, u: Tensor, with_positions: bool) -> Tensor:
+    """What the head reads (..., H [+ len(KNOTS)]) from states (..., H) at completion positions u (...)."""
     x = F.layer_norm(states, states.shape[-1:])
     if with_positions:
         # x sqrt(H): under Adam each weight moves about lr per step, so H unit-scale state coordinates move
@@ -81,7 +81,12 @@ def head_logits(head: nn.Module, states: Tensor, u: Tensor, with_positions: bool
         # (measured: without it, a step in position is learnt as a ramp).
         basis = position_features(u).to(x.dtype) * math.sqrt(states.shape[-1])
         x = torch.cat([x, basis], dim=-1)
-    return head(x).squeeze(-1)
+    return x
+
+
+def head_logits(head: nn.Module, states: Tensor, u: Tensor, with_positions: bool) -> Tensor:
+    """a(u) (...) from states (..., H) at completion positions u (...): stage 2's net and stage 3's online head."""
+    return head(head_inputs(states, u, with_positions)).squeeze(-1)
 
 
 class ImportanceNet(nn.Module):
