@@ -1,22 +1,24 @@
 """Stage 3 at scale: peak memory of one GRPO step (generation excluded), before and after the memory savings.
 
 A random model with Qwen2.5-0.5B's shape (vocabulary 151,936; built from a config, no download)
-takes one stage-3 step of G completions of T tokens on CPU, each measurement in a fresh subprocess
-whose peak resident memory (``ru_maxrss``) is the figure. The step is the pipeline's own:
-``microbatch.accumulate`` (log-probs, entropy, dapo loss, backward), gradient clipping, AdamW. A
-warm-up step on one short completion runs first, so AdamW's states exist during the measured step,
-as in every step after the first.
+takes one stage-3 step of G completions of T tokens on CPU, each measurement in a fresh subprocess.
+The step is the pipeline's own: ``microbatch.accumulate`` (log-probs, entropy, dapo loss, backward),
+gradient clipping, fused AdamW. A warm-up step on one short completion runs first, so AdamW's states
+exist during the measured step, as in every step after the first. Memory: what is held before the
+step, then the peak above it during forward/backward and during the optimizer step (the kernel's
+resident high-water mark, reset between phases; ``torch.cuda`` statistics on a GPU).
 
-- ``empty``: the warm-up step alone: weights, gradients, AdamW states (the per-parameter cost);
-- ``before``: one batch, all logits at once, no checkpointing (the code before issue 14). At G = 8
-  x 1,024 it needs ~35 GB, so it runs with one completion and is extrapolated linearly in G (memory
-  is linear in the batch);
-- ``after``: micro-batches of 2, log-probs in chunks, gradient checkpointing, at G = 8 (and at G = 2,
-  with two chunk sizes, to split the transient into layer activations and the logits chunk).
+- ``empty``: a step on one 16-token completion: weights, gradients, AdamW states;
+- ``before_1``, ``before_2``: one batch, all logits at once, no checkpointing (the code before issue
+  14), with 1 and 2 completions; G = 8 x 1,024 would need ~50 GB, so it is extrapolated linearly
+  in the completions (a batch's forward/backward memory is linear in its rows);
+- ``after_1``: one completion with the savings, for the memory a checkpointed forward keeps;
+- ``after``: micro-batches of 2, log-probs in chunks, gradient checkpointing, measured at G = 8;
+- the LM head alone (all at once, and in chunks): bytes per logit element.
 
 From the measured per-parameter and per-element costs it predicts the peak of the same step on a
-GPU under bf16-mixed for Qwen2.5-1.5B (full fine-tune) and Qwen2.5-7B (LoRA). ``benchmarks/gpu_check.py``
-measures those on a GPU. Run a probe alone: ``python -m benchmarks.memory --probe '{"G": 2, ...}'``.
+GPU under bf16-mixed for Qwen2.5-1.5B (full fine-tune) and Qwen2.5-7B (LoRA); ``benchmarks/gpu_check.py``
+measures those on a GPU. One probe alone: ``python -m benchmarks.memory --probe '{"shape": "tiny", "G": 2, "T": 32}'``.
 """
 
 from __future__ import annotations
