@@ -15,6 +15,7 @@ Maths and options: docs/online_importance.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -113,11 +114,14 @@ def pooled_targets(meta: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
     return {"z1": (r1 - m) / std, "z2": (r2 - m) / std, "r1": r1, "r2": r2, "p": m}, informative
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _held_out(seed: int, prompt: int, fraction: float) -> bool:
+    return bool(np.random.default_rng([seed, prompt, HELDOUT_STREAM]).random() < fraction)
+
+
 def heldout_prompts(prompt_ids: Tensor, seed: int, fraction: float) -> Tensor:
     """Whether each pair's prompt is held out: a fixed draw per (seed, prompt), whatever step it comes in."""
-    draws = {p: np.random.default_rng([seed, p, HELDOUT_STREAM]).random() < fraction
-             for p in torch.unique(prompt_ids).tolist()}
-    return torch.tensor([draws[p] for p in prompt_ids.tolist()], dtype=torch.bool)
+    return torch.tensor([_held_out(seed, p, fraction) for p in prompt_ids.tolist()], dtype=torch.bool)
 
 
 class OnlineHead(nn.Module):
