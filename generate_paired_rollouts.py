@@ -38,6 +38,7 @@ from pipeline.models import DEFAULT_MODEL
 @option("shard_index", type=int, default=0)
 @option("num_shards", type=int, default=1)
 @option("overwrite", is_flag=True, default=False, help="Delete an existing dump with the same arguments.")
+@option("device", default="auto", help="Where the hf backend and the reward model run: auto, cpu, cuda, cuda:N.")
 @run_stage
 def main(**kwargs) -> None:
     """Generate G/2 pairs per group of rollouts that share a prefix of t tokens, with rewards."""

@@ -15,6 +15,7 @@ from pipeline.cli import (
     stage_command,
 )
 from pipeline.grpo.config import SCALE_REWARDS
+from pipeline.grpo.is_correction import IS_MODES
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
 from pipeline.models import DEFAULT_MODEL
@@ -76,6 +77,12 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("out_dir", default="rollout_dump")
 @option("run_name", default=None)
 @option("resume", is_flag=True, default=False, help="Continue from the run's newest checkpoint.")
+@option("accelerator", default="auto", help="Fabric accelerator: auto (CUDA when there), cpu, cuda.")
+@option("vllm_importance_sampling_correction", type=bool, default=True,
+        help="Correct vLLM's sampling/training mismatch with its sampled-token log-probs (TRL 1.16).")
+@option("vllm_importance_sampling_mode", type=click.Choice(IS_MODES), default="sequence_mask")
+@option("vllm_importance_sampling_clip_min", type=float, default=None, help="Lower bound C_min of the ratio.")
+@option("vllm_importance_sampling_clip_max", type=float, default=3.0, help="Upper bound C_max of the ratio.")
 @run_stage
 def main(**kwargs) -> None:
     """GRPO with per-token weights from the importance network, prompts drawn by a curriculum sampler."""

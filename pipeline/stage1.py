@@ -20,7 +20,7 @@ from pipeline import artifacts, dump
 from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
 from pipeline.hybrid_reward import prepare_hybrid
-from pipeline.models import load_tokenizer, model_slug
+from pipeline.models import load_tokenizer, model_slug, resolve_device
 from pipeline.prompting import render_prompt
 from pipeline.rollouts import PairingConfig, Prompt, generated_token_count, sample_pairs, to_frame, to_table
 from pipeline.scoring import parse_reward_weights
@@ -59,6 +59,7 @@ class Stage1Args:
     shard_index: int = 0
     num_shards: int = 1
     overwrite: bool = False
+    device: str = "auto"  # the hf backend's model and the hybrid reward model (vLLM places itself)
 
     def identity(self) -> dict[str, Any]:
         """The arguments that decide the dump's content: same identity -> same directory -> resume."""
@@ -106,14 +107,14 @@ def _build_prompts(args: Stage1Args, tokenizer) -> list[Prompt]:
     return prompts
 
 
-def _make_backend(args: Stage1Args, tokenizer):
+def _make_backend(args: Stage1Args, tokenizer, device):
     from pipeline.generation.select import make_backend, resolve_backend
     from pipeline.generation.vllm import VLLMOptions
 
     args.backend = resolve_backend(args.backend)  # the metadata records which one ran
     options = VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization, args.max_model_len, args.dtype)
     return make_backend(args.backend, args.model_name, tokenizer, batch_size=args.batch_size, seed=args.seed,
-                        vllm=options)
+                        vllm=options, device=device)
 
 
 def _metadata_name(args: Stage1Args) -> str:
@@ -144,6 +145,8 @@ def summarize(frame: pd.DataFrame) -> dict[str, Any]:
 def run(args: Stage1Args) -> Path:
     validate(args)
     args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
+    device = resolve_device(args.device)
+    args.device = str(device)  # the metadata records where it ran
     tokenizer = load_tokenizer(args.model_name)
     prompts = _build_prompts(args, tokenizer)
     path = dump_dir(args)
@@ -160,10 +163,10 @@ def run(args: Stage1Args) -> Path:
     started, t0 = artifacts.now_iso(), time.perf_counter()
     if len(todo) < len(mine):
         log.info("resuming %s: %d of %d chunks already written", path, len(mine) - len(todo), len(mine))
-    backend = functools.cache(lambda: _make_backend(args, tokenizer))  # built only if there is work
+    backend = functools.cache(lambda: _make_backend(args, tokenizer, device))  # built only if there is work
     hybrid = prepare_hybrid(args.rewards, args.reward_model, path / "hybrid_calibration.json", backend, tokenizer,
                             [(p.text, p.token_ids) for p in prompts], [p.row["question"] for p in prompts],
-                            args.rm_calibration_prompts, params, args.seed) if todo else None
+                            args.rm_calibration_prompts, params, args.seed, device=device) if todo else None
     generated_tokens, completions, failures = 0, 0, {}
     bar = tqdm(todo, desc="chunks", unit="chunk")
     for c in bar:

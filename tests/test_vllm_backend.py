@@ -15,14 +15,8 @@ import torch
 from pipeline.errors import UserError
 from pipeline.generation import Request, SamplingParams, select
 from pipeline.generation import vllm as vllm_backend
-from pipeline.generation.vllm import (
-    VLLMBackend,
-    VLLMOptions,
-    checkpoint_name,
-    named_weights,
-    refresh_tied_lm_head,
-    to_completion,
-)
+from pipeline.generation.vllm import VLLMBackend, VLLMOptions, refresh_tied_lm_head, to_completion
+from pipeline.generation.weights import checkpoint_name, named_weights
 from pipeline.rollouts import PairingConfig, Prompt, request_seed, sample_pairs
 from tests.tiny_model import save_tiny_model
 
@@ -31,11 +25,24 @@ EOS = 2
 
 @dataclass
 class FakeSamplingParams:
+    """vLLM 0.32's SamplingParams fields the backend sets (any other keyword is a TypeError)."""
+
     max_tokens: int
     temperature: float
     top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    min_tokens: int
     seed: int
+    logprobs: int | None
     detokenize: bool
+
+
+def fake_logprob(seed: int, position: int) -> float:
+    return -0.1 * (1 + (seed + position) % 7)
 
 
 @dataclass
@@ -56,8 +63,11 @@ class FakeLLM:
             n = int(rng.integers(1, sp.max_tokens + 1))
             tokens = [int(t) for t in rng.integers(3, 50, size=n)]
             stop = n < sp.max_tokens or len(prompt["prompt_token_ids"]) % 2 == 0
-            out = SimpleNamespace(token_ids=tokens + [EOS] if stop else tokens,
-                                  finish_reason="stop" if stop else "length", stop_reason=None)
+            token_ids = tokens + [EOS] if stop else tokens
+            logprobs = None if sp.logprobs is None else [
+                {t: SimpleNamespace(logprob=fake_logprob(sp.seed, i), rank=1)} for i, t in enumerate(token_ids)]
+            out = SimpleNamespace(token_ids=token_ids, finish_reason="stop" if stop else "length", stop_reason=None,
+                                  logprobs=logprobs)
             outputs.append(SimpleNamespace(outputs=[out]))
         return outputs
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.grpo.is_correction import IS_MODES
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
 
@@ -64,11 +65,16 @@ class GRPOArgs:
     out_dir: str = "rollout_dump"
     run_name: str | None = None
     resume: bool = False
+    accelerator: str = "auto"  # Fabric's: auto (CUDA when there), cpu, cuda/gpu; every model of the run follows it
+    vllm_importance_sampling_correction: bool = True  # TRL 1.16's names and defaults; vLLM backend only
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
         skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend",
-                "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype"}
+                "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype", "accelerator"}
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -90,3 +96,12 @@ def validate(args: GRPOArgs) -> None:
         raise UserError("need 0 <= --softmask_strength <= 1 and 0 < --entropy_quantile <= 1")
     if args.max_steps < 1 or args.prompts_per_step < 1 or args.num_iterations < 1:
         raise UserError("--max_steps, --prompts_per_step and --num_iterations must be >= 1")
+    if args.tensor_parallel_size != 1:
+        raise UserError("--tensor_parallel_size > 1 is for stage 1 only: stage 3 pushes the policy into one engine "
+                        "per training process; use --tensor_parallel_size 1 (more GPUs: --devices)")
+    if args.vllm_importance_sampling_mode not in IS_MODES:
+        raise UserError(f"--vllm_importance_sampling_mode must be one of {', '.join(IS_MODES)}")
+    low, high = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
+    if (low is not None and low < 0) or (high is not None and high <= 0) or (None not in (low, high) and low > high):
+        raise UserError("need 0 <= --vllm_importance_sampling_clip_min <= --vllm_importance_sampling_clip_max, "
+                        "clip_max > 0")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import sys
 import time
 from dataclasses import asdict
@@ -29,14 +28,29 @@ from pipeline.generation import SamplingParams
 from pipeline.generation.select import make_backend, resolve_backend
 from pipeline.generation.vllm import VLLMOptions
 from pipeline.grpo.advantages import group_advantages, zero_std_fraction
+from pipeline.grpo.checkpoints import (
+    latest_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_policy,
+    set_rng_state,
+)
 from pipeline.grpo.config import NEEDS_IMPORTANCE, GRPOArgs, validate
+from pipeline.grpo.distributed import gather_objects, global_token_metrics, interleave_groups, reduce_metrics
 from pipeline.grpo.evaluation import evaluate
+from pipeline.grpo.fsdp import make_strategy
+from pipeline.grpo.is_correction import (
+    correction_metrics,
+    importance_sampling_ratio,
+    sampling_logprobs,
+    with_ratio,
+)
 from pipeline.grpo.logprobs import completion_logprobs
 from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
 from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve
 from pipeline.grpo.rollout import Experience, collect
-from pipeline.grpo.softmask import soft_mask_weights, weight_stats
+from pipeline.grpo.softmask import soft_mask_weights
 from pipeline.hybrid_reward import prepare_hybrid
 from pipeline.models import load_causal_lm, load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
@@ -44,18 +58,11 @@ from pipeline.scoring import parse_reward_weights
 from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
 
 log = logging.getLogger(__name__)
-CKPT_GLOB = "step-*.ckpt"
-KEEP_CHECKPOINTS = 2
 
 
 def run_dir_for(args: GRPOArgs) -> Path:
     name = args.run_name or f"{args.softmask}_{args.sampler}_{args.identity()}"
     return artifacts.stage_dir(args.out_dir, task_slug(args.task_name), model_slug(args.model_name)) / "grpo" / name
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob(CKPT_GLOB))
-    return found[-1] if found else None
 
 
 def _load_importance(args: GRPOArgs, tokenizer):
@@ -71,20 +78,6 @@ def _load_importance(args: GRPOArgs, tokenizer):
     return scorer
 
 
-def _rng_state() -> dict[str, Any]:
-    """Plain tensors, lists and ints only: checkpoints load with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-
-
 class Trainer:
     """Holds the run's objects; ``fit`` is the loop, each phase a short method."""
 
@@ -92,8 +85,12 @@ class Trainer:
         validate(args)
         args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
         self.args = args
-        self.fabric = L.Fabric(accelerator="auto", devices=_devices(args.devices), num_nodes=args.num_nodes,
-                               strategy=args.strategy, precision=args.precision)
+        try:
+            self.fabric = L.Fabric(accelerator=args.accelerator, devices=_devices(args.devices),
+                                   num_nodes=args.num_nodes, strategy=make_strategy(args.strategy, args.model_name),
+                                   precision=args.precision)
+        except (ValueError, RuntimeError) as err:  # Lightning's one-line refusals (e.g. FSDP without a GPU)
+            raise UserError(f"--accelerator {args.accelerator} --strategy {args.strategy}: {err}") from err
         self.fabric.launch()
         if args.prompts_per_step % self.fabric.world_size:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the "
@@ -123,33 +120,28 @@ class Trainer:
         if self.importance is not None:
             self.importance.to(self.fabric.device)
         args.backend = resolve_backend(args.backend)  # the metadata records which one ran
-        self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.policy,
+        self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.model,
                                     batch_size=args.batch_size, seed=args.seed,
                                     vllm=VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization,
-                                                     args.max_model_len, args.dtype))
+                                                     args.max_model_len, args.dtype), device=self.fabric.device)
         self.params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
         self.step = 0
         self.hybrid = prepare_hybrid(args.rewards, args.reward_model, self.run_dir / "hybrid_calibration.json",
                                      lambda: self.backend, self.tokenizer, self.prompts,
                                      [row["question"] for row in self.rows], args.rm_calibration_prompts,
-                                     self.params, args.seed)
+                                     self.params, args.seed, device=self.fabric.device,
+                                     rank=self.fabric.global_rank, world_size=self.fabric.world_size,
+                                     gather=lambda obj: gather_objects(self.fabric, obj))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {"policy": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(), "rng": _rng_state(), "step": self.step,
+                "sampler": self.sampler.state_dict(), "rng": rng_state(), "step": self.step,
                 "args": asdict(self.args)}
 
     def save(self) -> Path:
-        folder = self.run_dir / "checkpoints"
-        path = folder / f"step-{self.step:06d}.ckpt"
-        tmp = folder / f".{path.name}.tmp"
-        self.fabric.save(tmp, self._state())
-        self.fabric.barrier()
+        path = save_checkpoint(self.fabric, self.run_dir / "checkpoints", self.step, self._state())
         if self.fabric.is_global_zero:
-            tmp.replace(path)
-            for old in sorted(folder.glob(CKPT_GLOB))[:-KEEP_CHECKPOINTS]:
-                old.unlink()
             for table in self.tables.values():
                 table.flush()
         self.fabric.barrier()
@@ -160,8 +152,9 @@ class Trainer:
         self.fabric.load(path, state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step = state["step"]
+        self.backend.sync_weights(self.model)  # the engine was built from the base weights
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -194,6 +187,13 @@ class Trainer:
         return soft_mask_weights(self.args.softmask, mask, self.args.softmask_strength, f=f,
                                  entropies=entropies, entropy_quantile=self.args.entropy_quantile)
 
+    def _sampled_logprobs(self, exp: Experience) -> torch.Tensor | None:
+        """vLLM's log-probs of its own samples when the correction is on (the hf backend samples the policy: None)."""
+        if not self.args.vllm_importance_sampling_correction:
+            return None
+        sampled = sampling_logprobs(exp.completions, exp.completion_len)
+        return None if sampled is None else sampled.to(self.fabric.device)
+
     def training_step(self, indices: list[int]) -> dict[str, Any]:
         args, fabric = self.args, self.fabric
         mine = self._my_share(indices)
@@ -213,14 +213,19 @@ class Trainer:
         if args.mask_truncated_completions:
             mask = mask_truncated_completions(mask, exp.truncated.to(fabric.device))
         num_items = fabric.all_reduce(mask.sum(), reduce_op="sum") / fabric.world_size
-        old_logps = ref_logps = None
+        old_logps = ref_logps = is_ratio = None
+        sampled = self._sampled_logprobs(exp)
         with torch.no_grad():
-            if args.num_iterations > 1:
+            if args.num_iterations > 1 or sampled is not None:
                 old_logps, _ = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
                                                    args.temperature)
             if self.reference is not None:
                 ref_logps, _ = completion_logprobs(self.reference, input_ids, attention, exp.completion_len,
                                                    args.temperature)
+        if sampled is not None:
+            is_ratio = importance_sampling_ratio(old_logps, sampled, mask, args.vllm_importance_sampling_mode,
+                                                 args.vllm_importance_sampling_clip_min,
+                                                 args.vllm_importance_sampling_clip_max)
         weights = None if args.softmask == "entropy" else self._weights(exp, mask, None)
         for _ in range(args.num_iterations):
             logps, entropies = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
@@ -228,7 +233,8 @@ class Trainer:
             if args.softmask == "entropy":
                 weights = self._weights(exp, mask, entropies)
             loss, loss_metrics = compute_policy_loss(
-                args.loss_type, logps, old_logps, advantages, mask, weights, ref_logps=ref_logps, beta=args.beta,
+                args.loss_type, logps, old_logps, advantages, mask, with_ratio(weights, is_ratio),
+                ref_logps=ref_logps, beta=args.beta,
                 epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, max_completion_length=args.max_new_tokens,
                 num_items_in_batch=num_items)
             fabric.backward(loss)
@@ -236,9 +242,11 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.backend.sync_weights(self.policy)
+        self.backend.sync_weights(self.model)
         logged = {"loss": loss.detach(), **loss_metrics}  # global values: this rank's shard averaged over ranks
-        logged = {k: float(fabric.all_reduce(v, reduce_op="mean")) for k, v in logged.items()}
+        if is_ratio is not None:
+            logged.update(correction_metrics(old_logps, sampled, mask, is_ratio))
+        logged = reduce_metrics(fabric, logged)
         per_prompt = np.nanmean(all_rewards.reshape(-1, args.group_size), axis=1)
         self.sampler.update(list(indices), per_prompt.tolist())
         sampler_sha = self._check_sampler_agreement()
@@ -249,7 +257,6 @@ class Trainer:
             "reward_std": float(all_rewards.std()),
             "frac_zero_std_groups": zero_std_fraction(torch.as_tensor(all_rewards), args.group_size),
             "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-            "entropy": float((entropies * mask).sum() / mask.sum().clamp(min=1)),
             "completion_len": float(exp.completion_mask.sum(1).mean()),
             "truncated_frac": float(exp.truncated.float().mean()),
             "tokens_per_s": float(exp.completion_mask.sum() / t_gen), "step_time_s": elapsed,
@@ -257,7 +264,7 @@ class Trainer:
             **{f"reward_mean/level_{lv}": float(all_rewards[levels == lv].mean()) for lv in sorted(set(levels))},
             **{f"reward/{name}": float(np.nanmean(v)) for name, v in exp.per_function.items()},
             **logged,
-            **{f"weights/{k}": v for k, v in weight_stats(weights, mask).items()},
+            **global_token_metrics(fabric, mask, entropies, weights),  # entropy, weights/*
             **{f"sampler/{k}": float(v) for k, v in self.sampler.probabilities().items()},
         }
         samples = [{"step": self.step + 1, "prompt_id": self.rows[mine[i // args.group_size]]["prompt_id"],
@@ -266,11 +273,13 @@ class Trainer:
                     "reward": float(exp.rewards[i]), "advantage": float(advantages[i]),
                     **{f"reward_{n}": float(v[i]) for n, v in exp.per_function.items()}}
                    for i in range(len(exp.texts))]
-        return {"metrics": metrics, "samples": samples}
+        return {"metrics": metrics, "samples": interleave_groups(gather_objects(fabric, samples), args.group_size)}
 
     # ---- the loop ----------------------------------------------------------------------------
     def _evaluate(self) -> None:
-        rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens)
+        fabric = self.fabric
+        rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens,
+                        fabric.global_rank, fabric.world_size, gather=lambda obj: gather_objects(fabric, obj))
         self.tables["eval"].extend([{"step": self.step, **row} for row in rows])
         log.info("eval step %d: %s", self.step, ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in rows))
 
@@ -313,12 +322,12 @@ class Trainer:
             if stop.item() > 0:
                 path = self.save()
                 log.info("signal %s: saved %s at step %d; requeueing", preempted.received, path, self.step)
-                if fabric.is_global_zero:
-                    requeue_slurm_job()
-                sys.exit(0)
+                code = requeue_slurm_job() if fabric.is_global_zero else 0
+                sys.exit(fabric.broadcast(code))
         return self.finish(started, time.perf_counter() - t0)
 
     def finish(self, started: str, runtime: float) -> Path:
+        save_policy(self.model, self.tokenizer, self.run_dir / "policy", self.fabric.is_global_zero)
         if not self.fabric.is_global_zero:
             return self.run_dir
         metrics, evals = self.tables["metrics"].frame(), self.tables["eval"].frame()
@@ -326,9 +335,6 @@ class Trainer:
             table.flush()
         plot_learning_curve(metrics, evals, self.run_dir / "learning_curve.png")
         plot_curriculum(metrics, self.run_dir / "curriculum.png")
-        policy_dir = self.run_dir / "policy"
-        self.policy.save_pretrained(policy_dir)
-        self.tokenizer.save_pretrained(policy_dir)
         final_eval = evals[evals["step"] == evals["step"].max()] if not evals.empty else evals
         metadata = {"arguments": asdict(self.args), "run_dir": str(self.run_dir), "started": started,
                     "finished": artifacts.now_iso(), "runtime_s_this_process": round(runtime, 2),
