@@ -50,21 +50,22 @@ def checkpoint_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer", "")
 
 
-def _fsdp1_units(module: nn.Module, prefix: str = "", seen: set[str] | None = None
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Post-order over FSDP1 units, each gathered alone (``recurse=False``): one unit's memory at a time."""
+def _fsdp1_units(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """FSDP1 units in pre-order, each gathered alone (``recurse=False``): one unit's memory at a time.
+
+    The root goes first: gathering it initialises FSDP's state, which a nested unit must not do.
+    """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    seen = set() if seen is None else seen
-    for name, child in module.named_children():
-        yield from _fsdp1_units(child, f"{prefix}{name}.", seen)
     if isinstance(module, FSDP):
+        nested = {id(p) for sub in module.modules() if sub is not module and isinstance(sub, FSDP)
+                  for p in sub.parameters()}  # still shards here: they come with their own unit
         with FSDP.summon_full_params(module, recurse=False, writeback=False):
             for name, param in module.named_parameters():
-                full = checkpoint_name(prefix + name)
-                if full not in seen:  # a nested unit's parameters came out with that unit
-                    seen.add(full)
-                    yield full, param
+                if id(param) not in nested:
+                    yield checkpoint_name(prefix + name), param
+    for name, child in module.named_children():
+        yield from _fsdp1_units(child, f"{prefix}{name}.")
 
 
 def named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
