@@ -17,7 +17,12 @@ import pyarrow.parquet as pq
 from pipeline.artifacts import atomic_write
 from pipeline.errors import UserError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# what each version's completions hold; stage 2 reads every version listed here
+SCHEMA_VERSIONS = {
+    "1": "completions without their stop token",
+    "2": "completions end with their stop token when finish_reason is 'stop', as TRL's do",
+}
 META_PREFIX = "rvg."
 
 BASE_FIELDS = [
@@ -83,6 +88,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     raw = pq.read_schema(dump_files(path)[0]).metadata or {}
     return {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in raw.items()
             if k.decode().startswith(META_PREFIX)}
+
+
+def schema_version(path: str | Path, metadata: dict[str, Any]) -> str:
+    """The dump's schema version, described in one phrase; a version this code does not know is refused."""
+    version = str(metadata.get("schema_version", "1"))
+    if version not in SCHEMA_VERSIONS:
+        raise UserError(f"rollouts '{path}' have schema version {version}, newer than this code reads "
+                        f"({', '.join(SCHEMA_VERSIONS)}): update the pipeline")
+    return f"schema version {version}: {SCHEMA_VERSIONS[version]}"
 
 
 def read_dump(path: str | Path, columns: list[str] | None = None) -> pa.Table:

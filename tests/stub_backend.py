@@ -8,8 +8,12 @@ import numpy as np
 
 from pipeline.generation.base import Completion, Request, SamplingParams
 
+STOP = 2
+
 
 class GeometricBackend:
+    """Completions end with the stop token ``STOP`` when they stop within budget, as the real backends' do."""
+
     def __init__(self, stop_prob: float = 0.08, vocab: int = 50):
         self.stop_prob = stop_prob
         self.vocab = vocab
@@ -18,7 +22,9 @@ class GeometricBackend:
         out = []
         for r in requests:
             rng = np.random.default_rng(r.seed)
-            length = int(rng.geometric(self.stop_prob)) - 1  # tokens before the stop token
-            tokens = rng.integers(3, self.vocab, size=min(length, r.max_new_tokens)).tolist()
-            out.append(Completion(tokens, "stop" if length < r.max_new_tokens else "length"))
+            length = int(rng.geometric(self.stop_prob))  # tokens up to and including the stop token
+            if length <= r.max_new_tokens:
+                out.append(Completion(rng.integers(3, self.vocab, size=length - 1).tolist() + [STOP], "stop"))
+            else:
+                out.append(Completion(rng.integers(3, self.vocab, size=r.max_new_tokens).tolist(), "length"))
         return out

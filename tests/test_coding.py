@@ -86,7 +86,7 @@ def test_code_format_checks_the_function_without_running_it():
 def test_expected_outputs_never_enter_the_sandbox(monkeypatch, sandbox):
     seen = []
 
-    def fake_execute(mode, limits, code, entry_point, inputs, timeout_s):
+    def fake_execute(mode, limits, code, entry_point, inputs, timeout_s, cgroups=None):
         seen.append(json.dumps([code, entry_point, inputs]))
         return Run(records=[None] * len(inputs))
 

@@ -28,11 +28,20 @@ def test_sample_depends_on_its_seed_not_its_batch(backend):
     assert other_seed.token_ids != together[0].token_ids
 
 
-def test_budget_and_finish_reason(backend):
-    out = backend.generate([Request([5, 6], 3, 1), Request([5, 6], 7, 2)], SamplingParams(temperature=1.0))
-    for completion, budget in zip(out, [3, 7], strict=True):
-        assert len(completion.token_ids) <= budget
-        assert completion.finish_reason == ("length" if len(completion.token_ids) == budget else "stop")
+def test_budget_finish_reason_and_kept_stop_token(backend):
+    """A stopped completion ends with its stop token (TRL keeps the first EOS); no other stop token inside."""
+    requests = [Request([5, 6], budget, seed) for seed in range(12) for budget in (3, 7)]
+    out = backend.generate(requests, SamplingParams(temperature=1.0))
+    for completion, request in zip(out, requests, strict=True):
+        tokens = completion.token_ids
+        assert len(tokens) <= request.max_new_tokens
+        assert not backend.stop_ids & set(tokens[:-1])
+        if completion.finish_reason == "stop":
+            assert tokens[-1] in backend.stop_ids
+        else:
+            assert completion.finish_reason == "length" and len(tokens) == request.max_new_tokens
+            assert tokens[-1] not in backend.stop_ids
+    assert {c.finish_reason for c in out} == {"stop", "length"}
 
 
 def test_per_request_sampling_matches_softmax():

@@ -6,11 +6,14 @@ for that mode, that the process limit holds for the sandbox uid; otherwise they 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.sandbox import SandboxUnavailable, isolation, probe, run_tests
+from pipeline.sandbox.cgroup import CgroupUnavailable, RunCgroups, delegated
+from pipeline.sandbox.execute import execute
 from pipeline.sandbox.procs import processes
 from pipeline.sandbox.slots import POOL
 
@@ -256,8 +261,10 @@ def test_os_kill_minus_one_reaches_nothing_outside(sandbox):
                 subprocess.Popen([shutil.which("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups",
                                   "sleep", "30"]) if os.geteuid() == 0 else subprocess.Popen(["sleep", "30"])]
     try:
-        code = ("import os, time\ndef f(x):\n    if os.fork() == 0:\n        time.sleep(60)\n"
-                "    os.kill(-1, 9)  # every process we may signal but ourselves: here, that child\n    return 2 * x\n")
+        code = ("import os, time\ndef f(x):\n    try:\n        if os.fork() == 0:\n            time.sleep(60)\n"
+                "    except OSError:\n        pass\n"
+                "    try:\n        os.kill(-1, 9)  # every process we may signal but ourselves\n"
+                "    except ProcessLookupError:  # none: we are alone\n        pass\n    return 2 * x\n")
         result = run(sandbox, code)
         assert result.passed == 3
         assert all(c.poll() is None for c in canaries)
@@ -268,8 +275,9 @@ def test_os_kill_minus_one_reaches_nothing_outside(sandbox):
 
 
 def test_a_double_forked_survivor_dies_with_the_run(sandbox):
-    code = ("import os, time\ndef f(x):\n    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n"
-            "            time.sleep(60)\n        os._exit(0)\n    return 2 * x\n")
+    code = ("import os, time\ndef f(x):\n    try:\n        if os.fork() == 0:\n            os.setsid()\n"
+            "            if os.fork() == 0:\n                time.sleep(60)\n            os._exit(0)\n"
+            "    except OSError:  # where the filter refuses fork\n        pass\n    return 2 * x\n")
     assert run(sandbox, code).passed == 3  # run() checks nothing is left
 
 
@@ -309,3 +317,205 @@ def test_filling_the_disk_and_dev_shm_stops_at_the_tmpfs_cap(confined):
     free = shutil.disk_usage("/").free
     assert run(confined, code, [{"args": [0], "expected": True}]).passed == 1
     assert free - shutil.disk_usage("/").free < 1 << 30  # unconfined, it would write 3 GiB
+
+
+BALLOON_TIMEOUT = 30.0  # the contained balloons end in well under a second; a loaded machine gets room
+SHM_BALLOON = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+def f(target_mib):
+    held = 0  # create a segment, fill it, detach, repeat: the memory belongs to no process
+    while held < target_mib:
+        segment = libc.shmget(0, 256 << 20, 0o600)
+        if segment < 0:
+            break
+        address = libc.shmat(segment, None, 0)
+        if address in (None, 2**64 - 1):
+            break
+        ctypes.memset(address, 1, 256 << 20)
+        libc.shmdt(ctypes.c_void_p(address))
+        held += 256
+    return held
+"""
+MEMFD_BALLOON = """
+import os
+def f(target_mib):
+    anonymous = b'x' * (768 << 20)  # inside the address space
+    held, files = 768, []
+    while held < target_mib:
+        try:  # a memfd's pages are out of the address space once unmapped (16 MiB: RLIMIT_FSIZE)
+            fd = os.memfd_create('balloon')
+            for _ in range(16):
+                os.write(fd, b'x' * (1 << 20))
+        except OSError:
+            break
+        files.append(fd)
+        held += 16
+    return held
+"""
+FORK_BALLOON = """
+import os, time
+def f(target_mib):
+    held, ready = 0, os.pipe()
+    while held < target_mib:  # each child has an address space of its own
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            block = b'x' * (512 << 20)
+            os.write(ready[1], b'.')
+            time.sleep(60)
+        os.read(ready[0], 1)
+        held += 512
+    return held
+"""
+
+
+def held_mib(report, balloon: str) -> int | None:
+    """What a balloon reached, aiming 512 MiB past the per-run total; None: the run was killed."""
+    target = (report.limits.run_memory_bytes >> 20) + 512
+    record = execute(report.mode, report.limits, balloon, "f", [[target]], BALLOON_TIMEOUT, report.cgroups).records[0]
+    assert leftovers() == []
+    return record["value"] if record and "value" in record else None
+
+
+@pytest.mark.parametrize("balloon", [SHM_BALLOON, MEMFD_BALLOON, FORK_BALLOON], ids=["shm", "memfd", "fork"])
+def test_a_run_holds_no_more_than_its_memory_total(confined, balloon):
+    held = held_mib(confined, balloon)
+    if confined.checks["seccomp"]:  # refused: the balloon stops where it began, or at its address space
+        assert held is not None and held <= confined.limits.address_space_bytes >> 20
+    else:  # only the memory cgroup: past memory.max the kernel kills the run
+        assert held is None or held <= confined.limits.run_memory_bytes >> 20
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the unshare fallback needs root")
+def test_the_memory_cgroup_alone_holds_the_fork_balloon(monkeypatch):
+    probe_module = sys.modules["pipeline.sandbox.probe"]
+    if probe_module._memory_cgroups()[0] is None:
+        pytest.skip(f"no memory cgroup here: {probe_module._memory_cgroups()[1]}")
+    monkeypatch.setattr(sys.modules["pipeline.sandbox.execute"], "FILTER", None)
+    probe.cache_clear()
+    try:
+        report = probe()
+        assert not report.checks["seccomp"] and report.cgroups is not None
+        held = held_mib(report, FORK_BALLOON)
+        assert held is None or held <= report.limits.run_memory_bytes >> 20
+    finally:
+        probe.cache_clear()
+
+
+def test_without_the_filter_or_a_memory_cgroup_code_tasks_are_refused(monkeypatch):
+    monkeypatch.setattr(sys.modules["pipeline.sandbox.execute"], "FILTER", None)
+    monkeypatch.setattr(sys.modules["pipeline.sandbox.probe"], "_memory_cgroups", lambda: (None, "none in this test"))
+    probe.cache_clear()
+    try:
+        for mode in isolation.modes_for_this_user():
+            if isolation.missing_tools(mode):
+                continue
+            with pytest.raises(SandboxUnavailable) as err:
+                probe(mode)
+            assert "\n" not in str(err.value)
+            assert "no memory cap per run: shmget, msgget, semget" in str(err.value)
+            assert "no memory cgroup (none in this test)" in str(err.value)
+    finally:
+        probe.cache_clear()
+
+
+def test_a_run_is_one_process_with_threads(sandbox):
+    if not sandbox.checks["seccomp"]:
+        pytest.skip(f"{sandbox.mode}: no seccomp filter here")
+    code = ("import subprocess, threading\ndef f(x):\n    out = []\n"
+            "    workers = [threading.Thread(target=out.append, args=(i,)) for i in range(4)]\n"
+            "    for w in workers:\n        w.start()\n    for w in workers:\n        w.join()\n"
+            "    try:\n        subprocess.run(['/usr/bin/true'])\n        return 'started a process'\n"
+            "    except PermissionError:\n        return sorted(out)\n")
+    assert run(sandbox, code, [{"args": [0], "expected": [0, 1, 2, 3]}]).passed == 1
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the x32 ABI exists on x86_64 only")
+def test_x32_system_calls_end_the_run(sandbox):
+    if not sandbox.checks["seccomp"]:
+        pytest.skip(f"{sandbox.mode}: no seccomp filter here")
+    code = ("import ctypes\ndef f(x):\n    ctypes.CDLL(None).syscall(0x40000000 | 29, 0, 4096, 0o600)  # x32 shmget\n"
+            "    return 2 * x\n")
+    assert run(sandbox, code).status == "exited_early"
+
+
+def test_the_mount_table_shows_only_the_sandbox(sandbox):
+    host = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    code = ("def f(x):\n    seen = {}\n    for path in ('/proc/1/mountinfo', '/proc/self/mountinfo'):\n"
+            "        for line in open(path):\n            fields = line.split()\n"
+            "            seen[fields[4]] = fields[fields.index('-') + 1]\n    return seen\n")
+    record = execute(sandbox.mode, sandbox.limits, code, "f", [[0]], TIMEOUT, sandbox.cgroups).records[0]
+    seen = record["value"]
+    assert seen["/"] == "tmpfs"  # not the host's root file system
+    foreign = host - set(isolation.MOUNT_POINTS) - {m for m in host if m.startswith("/dev/")}
+    assert foreign and not foreign & set(seen)
+    assert set(seen) <= set(isolation.MOUNT_POINTS) | {m for m in seen if m.startswith("/dev/")}
+
+
+KEY_SPEC_SESSION_KEYRING, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -3, -4, -5
+KEYS = {"x86_64": (248, 250), "aarch64": (217, 219)}  # add_key, keyctl
+
+
+def add_key(description: str, payload: bytes, keyring: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(KEYS[platform.machine()][0], b"user", description.encode(), payload, len(payload), keyring)
+
+
+@pytest.mark.skipif(platform.machine() not in KEYS, reason="key syscall numbers known for x86_64 and aarch64")
+def test_no_key_reaches_a_run_from_the_trainer_or_an_earlier_run(sandbox):
+    """Keys a run stores are gone in the next run; the trainer's session keyring is not the run's."""
+    trainer_key = add_key("rvgrpo-trainer-key", b"trainer-secret", KEY_SPEC_SESSION_KEYRING)
+    assert trainer_key > 0
+    code = (
+        "import ctypes, platform\n"
+        f"ADD_KEY, KEYCTL = {KEYS}[platform.machine()]\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def f(step):\n"
+        "    if step == 'store':\n"
+        "        return [libc.syscall(ADD_KEY, b'user', b'rvgrpo-run-key', b'run-secret', 10, ring) > 0\n"
+        "                for ring in (-3, -4, -5)]\n"
+        "    found = [libc.syscall(KEYCTL, 10, ring, b'user', name, 0) > 0  # KEYCTL_SEARCH\n"
+        "             for ring in (-3, -4, -5) for name in (b'rvgrpo-run-key', b'rvgrpo-trainer-key')]\n"
+        "    try:\n"
+        "        listed = open('/proc/keys').read()\n"
+        "    except OSError:\n"
+        "        listed = ''\n"
+        "    return any(found) or 'rvgrpo-' in listed\n"
+    )
+    try:
+        stored = run(sandbox, code, [{"args": ["store"], "expected": [False] * 3}])
+        assert run(sandbox, code, [{"args": ["find"], "expected": False}]).passed == 1
+        assert stored.passed == 1  # the filter refuses add_key
+    finally:
+        ctypes.CDLL(None).syscall(KEYS[platform.machine()][1], 3, trainer_key)  # KEYCTL_REVOKE
+
+
+def test_a_run_cgroup_gets_its_limit_and_the_command_its_pid(tmp_path):
+    """The prefix moves the shell into the run's cgroup and execs, so the command itself is inside."""
+    with RunCgroups(tmp_path).run(64 << 20) as enter:
+        group = Path(enter[-1]).parent
+        started = subprocess.run([*enter, "/bin/sh", "-c", "echo $$"], capture_output=True, text=True, timeout=30)
+        assert (group / "cgroup.procs").read_text().split() == [started.stdout.strip()]
+        assert (group / "memory.max").read_text() == str(64 << 20)
+        assert (group / "memory.oom.group").read_text() == "1"
+
+
+def test_a_memory_cgroup_is_proven_or_refused_in_one_line():
+    try:
+        cgroups = delegated()
+        cgroups.prove()
+    except CgroupUnavailable as err:
+        assert str(err) and "\n" not in str(err)
+        return
+    assert "memory" in (cgroups.base / "cgroup.subtree_control").read_text().split()
+
+
+def test_a_filter_that_does_not_go_on_means_the_candidate_never_runs(sandbox, monkeypatch):
+    monkeypatch.setattr(sys.modules["pipeline.sandbox.execute"], "FILTER", bytes(8))  # no return: EINVAL
+    result = run(sandbox, CORRECT)
+    assert (result.passed, result.status) == (0, "load_error")
+    assert result.detail == "sandbox: seccomp filter failed (errno 22)"

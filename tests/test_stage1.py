@@ -48,7 +48,7 @@ def test_schema_and_metadata(dump):
     assert len(frame) == 6 * 4
     kv = read_metadata(dump)
     assert kv["reward_names"] == ["correct", "format", "valid_expression", "uses_numbers"]
-    assert kv["schema_version"] == "1" and kv["tokenizer"]["vocab_size"] == 300
+    assert kv["schema_version"] == "2" and kv["tokenizer"]["vocab_size"] == 300
     meta = json.loads((dump / "rollouts_metadata.json").read_text())
     assert meta["counts"]["groups"] == 6 and meta["counts"]["pairs"] == 12
     assert meta["arguments"]["group_size"] == 4 and meta["tokens_per_s"] > 0

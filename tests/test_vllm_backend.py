@@ -65,7 +65,7 @@ class FakeLLM:
             n = int(rng.integers(1, sp.max_tokens + 1))
             tokens = [int(t) for t in rng.integers(3, 50, size=n)]
             stop = n < sp.max_tokens or len(prompt["prompt_token_ids"]) % 2 == 0
-            token_ids = tokens + [EOS] if stop else tokens
+            token_ids = tokens[:-1] + [EOS] if stop else tokens
             logprobs = None if sp.logprobs is None else [
                 {t: SimpleNamespace(logprob=fake_logprob(sp.seed, i), rank=1)} for i, t in enumerate(token_ids)]
             out = SimpleNamespace(token_ids=token_ids, finish_reason="stop" if stop else "length", stop_reason=None,
@@ -171,8 +171,8 @@ def test_outputs_map_to_completions():
     stop = SimpleNamespace(token_ids=[7, 8, EOS], finish_reason="stop", stop_reason=None)
     stop_token = SimpleNamespace(token_ids=[7, 9], finish_reason="stop", stop_reason=9)
     length = SimpleNamespace(token_ids=[7, 8, 9], finish_reason="length", stop_reason=None)
-    assert to_completion(stop).token_ids == [7, 8] and to_completion(stop).finish_reason == "stop"
-    assert to_completion(stop_token).token_ids == [7]
+    assert to_completion(stop).token_ids == [7, 8, EOS] and to_completion(stop).finish_reason == "stop"
+    assert to_completion(stop_token).token_ids == [7, 9]
     assert to_completion(length).token_ids == [7, 8, 9] and to_completion(length).finish_reason == "length"
     with pytest.raises(RuntimeError, match="abort"):
         to_completion(SimpleNamespace(token_ids=[], finish_reason="abort", stop_reason=None))

@@ -16,7 +16,7 @@ class SamplingParams:
 
 @dataclass
 class Completion:
-    token_ids: list[int]  # without the stop token
+    token_ids: list[int]  # ends with the stop token when finish_reason == "stop" (as TRL's completions)
     finish_reason: str  # "stop" or "length"
     # the sampler's log-prob of each token (vLLM), for the importance-sampling correction; None: not given
     logprobs: list[float] | None = field(default=None, compare=False)

@@ -134,7 +134,8 @@ class HFBackend:
         return [self._trim(row.tolist(), r.max_new_tokens) for row, r in zip(out[:, width:], requests, strict=True)]
 
     def _trim(self, tokens: list[int], limit: int) -> Completion:
+        """Up to and including the first stop token: the decision to stop is a sampled token too."""
         for i, token in enumerate(tokens[:limit]):
             if token in self.stop_ids:
-                return Completion(tokens[:i], "stop")
+                return Completion(tokens[:i + 1], "stop")
         return Completion(tokens[:limit], "length")

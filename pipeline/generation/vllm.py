@@ -121,12 +121,12 @@ def refresh_tied_lm_head(engine_model: torch.nn.Module) -> None:
 
 
 def to_completion(output: Any) -> Completion:
-    """vLLM keeps the stop token (EOS or a stop token id) at the end of ``token_ids``; ours drop it."""
+    """vLLM keeps the stop token (EOS or a stop token id) at the end of ``token_ids``; so do we (TRL does)."""
     tokens = list(output.token_ids)
     if output.finish_reason == "stop":
         if isinstance(output.stop_reason, str):
             raise ValueError("stop strings are not used by this pipeline")
-        return Completion(tokens[:-1], "stop")
+        return Completion(tokens, "stop")
     if output.finish_reason == "length":
         return Completion(tokens, "length")
     raise RuntimeError(f"vLLM finished a request with '{output.finish_reason}' ({output.stop_reason})")

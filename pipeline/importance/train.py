@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.artifacts import ensure_writable_dir, now_iso, provenance, write_json
-from pipeline.dump import read_metadata, tokenizer_fingerprint
+from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
 from pipeline.importance.data import PairDataModule
 from pipeline.importance.export import load, save_export
@@ -171,6 +171,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     meta = read_metadata(rollouts)
+    log.info("rollouts '%s': %s", rollouts, schema_version(rollouts, meta))
     backbone = backbone or meta.get("model_name")
     if not backbone:
         raise UserError(f"rollouts '{rollouts}' record no model_name: pass --backbone")

@@ -10,14 +10,18 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.sandbox import seccomp
+from pipeline.sandbox.cgroup import RunCgroups
 from pipeline.sandbox.isolation import TOOL_PATH, Limits, command
 from pipeline.sandbox.procs import kill_children, sweep
 from pipeline.sandbox.slots import POOL
 
 CHUNK = 65536
+FILTER = seccomp.program()
 
 
 @dataclass
@@ -32,12 +36,15 @@ class Run:
 
 
 def execute(mode: str, limits: Limits, code: str, entry_point: str, inputs: Sequence[Sequence[Any]],
-            timeout_s: float) -> Run:
-    """Call ``entry_point(*args)`` of ``code`` for each args in ``inputs`` inside the sandbox."""
-    payload = json.dumps({"code": code, "entry_point": entry_point, "inputs": [list(a) for a in inputs]}).encode()
-    with POOL.take() as uid:
+            timeout_s: float, cgroups: RunCgroups | None = None) -> Run:
+    """Call ``entry_point(*args)`` of ``code`` for each args in ``inputs`` inside the sandbox (and in a
+    memory cgroup of its own where ``cgroups`` gives one)."""
+    payload = json.dumps({"code": code, "entry_point": entry_point, "inputs": [list(a) for a in inputs],
+                          "filter": FILTER.hex() if FILTER else None, "keyctl": seccomp.keyctl_number()}).encode()
+    group = cgroups.run(limits.run_memory_bytes) if cgroups else nullcontext([])
+    with POOL.take() as uid, group as enter:
         deadline = time.monotonic() + timeout_s
-        proc = subprocess.Popen(command(mode, uid, limits, timeout_s), stdin=subprocess.PIPE,
+        proc = subprocess.Popen(enter + command(mode, uid, limits, timeout_s), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                 env={"PATH": TOOL_PATH})
         try:

@@ -50,7 +50,7 @@ def run_tests(code: str, entry_point: str, tests: Sequence[dict[str, Any]], time
     Raises SandboxUnavailable (before running anything) where no isolation works.
     """
     report = report or probe()
-    run = execute(report.mode, report.limits, code, entry_point, [t["args"] for t in tests], timeout_s)
+    run = execute(report.mode, report.limits, code, entry_point, [t["args"] for t in tests], timeout_s, report.cgroups)
     passed = sum(r is not None and "value" in r and same(r["value"], t["expected"])
                  for r, t in zip(run.records, tests, strict=True))
     return TestResult(passed, len(tests), _status(run), run.load_error or run.stderr_tail[-200:])

@@ -1,5 +1,9 @@
-"""Runs inside the sandbox (Debian's python3 -I -S -B -c): load the candidate, call it on each input,
-and stream one JSON line per test on the original stdout.
+"""Runs inside the sandbox (Debian's python3 -I -S -B -c): confine itself, load the candidate, call it
+on each input, and stream one JSON line per test on the original stdout.
+
+Before the candidate's code is even read, it leaves the keyring session it inherited (a fresh,
+empty one: nothing of the trainer's, nothing of an earlier run) and installs the seccomp filter the
+parent built (seccomp.py); a filter that does not go on means the candidate never runs.
 
 Only data leaves: each returned value must be plain JSON data of exact built-in types (so an object
 whose ``__eq__`` always answers True is an error), and the parent compares it with the expected
@@ -7,12 +11,39 @@ output, which never enters the sandbox. The candidate's own prints go to stderr.
 only, and no syntax newer than Python 3.8, so any system python3 can run it.
 """
 
+import ctypes
 import importlib.util
 import json
 import os
 import sys
 
 MAX_DEPTH = 50
+KEYCTL_JOIN_SESSION_KEYRING = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+FILTER_SIZE = 8  # bytes per struct sock_filter
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def confine(keyctl, program):
+    """A fresh session keyring, then the filter (irrevocable, inherited by every thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    word = ctypes.c_ulong
+    if keyctl is not None and libc.syscall(ctypes.c_long(keyctl), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
+                                           ctypes.c_void_p(None)) < 0:
+        raise OSError(ctypes.get_errno(), "keyctl join session keyring")
+    if program is None:
+        return
+    code = bytes.fromhex(program)
+    buffer = ctypes.create_string_buffer(code, len(code))
+    fprog = SockFprog(len(code) // FILTER_SIZE, ctypes.cast(buffer, ctypes.c_void_p))
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, word(1), word(0), word(0), word(0)) != 0 or \
+            libc.prctl(PR_SET_SECCOMP, word(SECCOMP_MODE_FILTER), ctypes.byref(fprog), word(0), word(0)) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter")
 
 
 def plain(value, depth=0):
@@ -49,6 +80,11 @@ def main():
     results = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     job = json.load(sys.stdin)
+    try:
+        confine(job["keyctl"], job["filter"])
+    except OSError as err:
+        emit(results, {"load_error": f"sandbox: {err.strerror} failed (errno {err.errno})"})
+        return
     os.chdir("/work")
     with open("solution.py", "w", encoding="utf-8") as handle:
         handle.write(job["code"])

@@ -9,7 +9,7 @@ descendant along), read-only ``/usr`` as the only host directory, and size-cappe
   the harness as the namespace's PID 1 (``--as-pid-1``, so bwrap reaps it and no zombie waits
   for the host's init).
 - ``unshare`` (root only, where unprivileged user namespaces are off): prlimit -> unshare -> a root
-  shell as PID 1 builds the same root with mounts -> chroot -> setpriv -> python3.
+  shell as PID 1 builds the same root with mounts and pivots into it -> setpriv -> python3.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.sandbox.cgroup import RunCgroups
 from pipeline.sandbox.procs import tasks_of
 from pipeline.sandbox.slots import UID_BASE
 
@@ -28,6 +29,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # outside /root, readable by every uid (a py
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 MODES = ("bubblewrap", "unshare")
 ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")  # symlinks into /usr on merged-/usr systems
+MOUNT_POINTS = ("/", "/usr", "/proc", "/dev", "/tmp", "/work", *(f"/{name}" for name in ROOT_LINKS))  # + /dev/*
 HARNESS = Path(__file__).with_name("harness.py").read_text()
 
 
@@ -44,8 +46,14 @@ class Limits:
     open_files: int = 64
     processes: int = 24  # RLIMIT_NPROC: counts every task of the uid system-wide
     tmpfs_bytes: int = 16 << 20  # each of /work, /tmp, /dev/shm
+    kernel_bytes: int = 64 << 20  # pipes, sockets, page tables, the launchers: only a memory cgroup counts them
     stdout_bytes: int = 1 << 20  # the results channel
     stderr_bytes: int = 64 << 10  # the candidate's own output
+
+    @property
+    def run_memory_bytes(self) -> int:
+        """All one run may hold: its one process's address space, its three tmpfs, the kernel's share."""
+        return self.address_space_bytes + 3 * self.tmpfs_bytes + self.kernel_bytes
 
 
 @dataclass(frozen=True)
@@ -56,16 +64,23 @@ class IsolationReport:
     as_root: bool
     limits: Limits
     checks: dict[str, Any] = field(default_factory=dict)
+    cgroups: RunCgroups | None = None  # where each run gets a memory cgroup of its own
 
     def summary(self) -> str:
         who = f"dedicated uids from {UID_BASE} via setpriv" if self.as_root else f"own uid {os.getuid()} (not root)"
         namespaces = "user/pid/net/ipc/uts/mount/cgroup" if self.mode == "bubblewrap" else "pid/net/ipc/uts/mount/cgroup"
         nproc = f"{self.limits.processes}" + ("" if self.as_root else " above what the uid already runs")
+        forks = self.checks.get("forks")
+        processes = "one process (fork refused)" if forks == 0 else f"forks stopped at {forks}"
+        holders = ["seccomp (no fork, SysV IPC, memfd, namespaces, keyrings)"] if self.checks.get("seccomp") else []
+        holders += [f"a memory cgroup per run under {self.cgroups.base}"] if self.cgroups else []
+        no_cgroup = "" if self.cgroups else f" (no memory cgroup: {self.checks.get('cgroup')})"
         return (f"sandbox: {self.mode}, {who}; {namespaces} namespaces, no capabilities, empty environment, "
-                f"network {self.checks.get('interfaces')}, forks stopped at {self.checks.get('forks')} "
-                f"(RLIMIT_NPROC {nproc}), address space {self.limits.address_space_bytes >> 20} MiB, "
-                f"tmpfs /work /tmp /dev/shm {self.limits.tmpfs_bytes >> 20} MiB each, /usr read-only, "
-                "no /root or /etc")
+                f"network {self.checks.get('interfaces')}, {processes}, threads stopped at "
+                f"{self.checks.get('threads')} (RLIMIT_NPROC {nproc}), memory per run at most "
+                f"{self.limits.run_memory_bytes >> 20} MiB by {' and '.join(holders)}{no_cgroup}, address space "
+                f"{self.limits.address_space_bytes >> 20} MiB, tmpfs /work /tmp /dev/shm "
+                f"{self.limits.tmpfs_bytes >> 20} MiB each, /usr read-only, no /root or /etc, only the sandbox's mounts")
 
 
 def tool(name: str) -> str | None:
@@ -73,7 +88,8 @@ def tool(name: str) -> str | None:
 
 
 def missing_tools(mode: str) -> list[str]:
-    needed = ["prlimit", "setpriv", *(["bwrap"] if mode == "bubblewrap" else ["unshare", "mount", "chroot"])]
+    needed = ["prlimit", "setpriv",
+              *(["bwrap"] if mode == "bubblewrap" else ["unshare", "mount", "umount", "pivot_root"])]
     missing = [t for t in needed if tool(t) is None]
     return missing + ([] if os.path.exists(SYSTEM_PYTHON) else [SYSTEM_PYTHON])
 
@@ -126,15 +142,16 @@ def _bwrap(limits: Limits) -> list[str]:
 
 
 # PID 1 of the new namespaces (root, in a private mount namespace): build bwrap's layout under
-# /tmp/root, then run "$@" (setpriv ... python3) chrooted there as a child, so PID 1 stays root and
-# keeps unshare's parent-death signal (a credential change would clear it).
+# /tmp/root, pivot into it and drop the host's mounts (the mount table then holds only the sandbox's,
+# as /proc/1/mountinfo shows), then run "$@" (setpriv ... python3) as a child, so PID 1 stays root
+# and keeps unshare's parent-death signal (a credential change would clear it).
 UNSHARE_ROOT = r"""
 set -eu
 size=$1; links=$2; shift 2
 mount -t tmpfs -o size=1m,mode=0700 sandbox /tmp
 r=/tmp/root; mkdir $r
 mount -t tmpfs -o size=1m,mode=0755 sandbox $r
-mkdir $r/usr $r/proc $r/dev $r/tmp $r/work
+mkdir $r/usr $r/proc $r/dev $r/tmp $r/work $r/.host
 ro_bind() { mkdir -p "$2"; mount --bind "$1" "$2"; mount -o remount,bind,ro,nosuid,nodev "$2"; }
 ro_bind /usr $r/usr
 for n in $links; do
@@ -144,8 +161,11 @@ mount -t proc -o nosuid,nodev,noexec proc $r/proc
 for d in null zero full random urandom; do touch $r/dev/$d; mount --bind /dev/$d $r/dev/$d; done
 mkdir $r/dev/shm
 for d in tmp dev/shm work; do mount -t tmpfs -o size=$size,mode=1777,nosuid,nodev sandbox $r/$d; done
-mount -o remount,ro $r
-cd /
-chroot $r "$@"  # not the last command, so the shell forks it rather than exec'ing it
+cd $r
+pivot_root . .host
+umount -l /.host
+rmdir /.host
+mount -o remount,ro /
+"$@"  # not the last command, so the shell forks it rather than exec'ing it
 exit $?
 """

@@ -1,6 +1,7 @@
 """The start-up self-test: run a payload in each isolation mode and accept the first whose limits
 demonstrably hold (above all the process limit: a fork bomb under a limit that does not hold would
-take the machine down). Nothing else in this package runs code before this has passed."""
+take the machine down; and the memory per run: the seccomp filter, a memory cgroup, or both).
+Nothing else in this package runs code before this has passed."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline.sandbox.cgroup import CgroupUnavailable, RunCgroups, delegated
 from pipeline.sandbox.execute import execute
 from pipeline.sandbox.isolation import (
+    MOUNT_POINTS,
     IsolationReport,
     Limits,
     SandboxUnavailable,
@@ -36,9 +39,10 @@ def probe(mode: str | None = None, limits: Limits | None = None) -> IsolationRep
             return report
         except SandboxUnavailable as err:
             failures.append(f"{candidate}: {err}")
+    install = "install bubblewrap (apt-get install bubblewrap) and " if "bwrap" in missing_tools("bubblewrap") else ""
     raise SandboxUnavailable(
         f"code tasks refused, no working sandbox here ({'; '.join(failures) or 'not root: only bubblewrap works'}); "
-        "install bubblewrap (apt-get install bubblewrap) and see docs/sandbox.md")
+        f"{install}see docs/sandbox.md")
 
 
 def _probe_mode(mode: str, limits: Limits) -> IsolationReport:
@@ -47,7 +51,8 @@ def _probe_mode(mode: str, limits: Limits) -> IsolationReport:
     missing = missing_tools(mode)
     if missing:
         raise SandboxUnavailable(f"missing {', '.join(missing)}")
-    run = execute(mode, limits, CHECK_SOURCE, "check", [[2 * limits.address_space_bytes]], PROBE_TIMEOUT_S)
+    cgroups, cgroup_note = _memory_cgroups()
+    run = execute(mode, limits, CHECK_SOURCE, "check", [[2 * limits.address_space_bytes]], PROBE_TIMEOUT_S, cgroups)
     record = run.records[0]
     if record is None or "value" not in record:
         said = run.stderr_tail.strip().splitlines()
@@ -55,13 +60,26 @@ def _probe_mode(mode: str, limits: Limits) -> IsolationReport:
                   or (said[-1] if said else "no result"))
         raise SandboxUnavailable(f"probe did not run ({reason})")
     checks = record["value"]
-    problems = _problems(checks, limits)
+    checks["seccomp"] = checks.get("forks") == 0 and checks.get("memory_outside_address_space") == []
+    checks["cgroup"] = cgroup_note
+    problems = _problems(checks, limits, cgroups)
     if problems:
         raise SandboxUnavailable("; ".join(problems))
-    return IsolationReport(mode=mode, as_root=os.geteuid() == 0, limits=limits, checks=checks)
+    return IsolationReport(mode=mode, as_root=os.geteuid() == 0, limits=limits, checks=checks, cgroups=cgroups)
 
 
-def _problems(checks: dict, limits: Limits) -> list[str]:
+@functools.cache
+def _memory_cgroups() -> tuple[RunCgroups | None, str]:
+    """A memory cgroup per run where the machine delegates one and it demonstrably holds, else why not."""
+    try:
+        cgroups = delegated()
+        cgroups.prove()
+    except CgroupUnavailable as err:
+        return None, str(err)
+    return cgroups, str(cgroups.base)
+
+
+def _problems(checks: dict, limits: Limits, cgroups: RunCgroups | None) -> list[str]:
     """Every way the probe's view differs from what the sandbox promises."""
     expected = {
         "capabilities": False, "root_dir_visible": False, "etc_visible": False,
@@ -71,8 +89,16 @@ def _problems(checks: dict, limits: Limits) -> list[str]:
                 if checks.get(key) != want]
     if checks.get("uid") in (0, None):
         problems.append("runs as root")
-    if checks.get("forks", limits.processes) >= limits.processes:
-        problems.append(f"forked {checks.get('forks')} children under RLIMIT_NPROC {limits.processes}: limit ignored")
+    for kind in ("forks", "threads"):
+        if checks.get(kind, limits.processes) >= limits.processes:
+            problems.append(f"{kind}: {checks.get(kind)} under RLIMIT_NPROC {limits.processes}, limit ignored")
+    if not checks["seccomp"] and cgroups is None:
+        escapes = checks.get("memory_outside_address_space") or [f"{checks.get('forks')} forked processes"]
+        problems.append(f"no memory cap per run: {', '.join(escapes)} possible and no memory cgroup "
+                        f"({checks['cgroup']})")
+    host_mounts = [m for m in checks.get("mounts", ["?"]) if m not in MOUNT_POINTS and not m.startswith("/dev/")]
+    if host_mounts:
+        problems.append(f"host mounts visible: {host_mounts[:5]}")
     if set(checks.get("interfaces", ["?"])) - {"lo"}:
         problems.append(f"network interfaces {checks.get('interfaces')}")
     if set(checks.get("environment") or []) - {"PWD", "LC_CTYPE"}:

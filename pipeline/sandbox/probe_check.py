@@ -1,18 +1,25 @@
 """The start-up probe's payload: run through the harness like a candidate, it reports what it can do."""
 
+import ctypes
 import os
 import resource
 import socket
+import threading
 
 ATTEMPTS_BEYOND_LIMIT = 8
+IPC_PRIVATE, IPC_RMID = 0, 0
+CLONE_NEWUSER = 0x10000000
+
+
+def _attempts() -> int:
+    return min(resource.getrlimit(resource.RLIMIT_NPROC)[0], 4096) + ATTEMPTS_BEYOND_LIMIT
 
 
 def _forks() -> int:
     """How many children we can fork, trying a few more than RLIMIT_NPROC (capped, so safe unconfined)."""
-    limit = min(resource.getrlimit(resource.RLIMIT_NPROC)[0], 4096)
     read_end, write_end = os.pipe()
     children = []
-    for _ in range(limit + ATTEMPTS_BEYOND_LIMIT):
+    for _ in range(_attempts()):
         try:
             pid = os.fork()
         except OSError:
@@ -26,6 +33,45 @@ def _forks() -> int:
     for pid in children:
         os.waitpid(pid, 0)
     return len(children)
+
+
+def _threads() -> int:
+    """How many threads we can start, as many tries: RLIMIT_NPROC counts threads too."""
+    release = threading.Event()
+    started = []
+    for _ in range(_attempts()):
+        thread = threading.Thread(target=release.wait)
+        try:
+            thread.start()
+        except RuntimeError:
+            break
+        started.append(thread)
+    release.set()
+    for thread in started:
+        thread.join()
+    return len(started)
+
+
+def _memory_outside_address_space() -> list:
+    """Each way to hold memory that RLIMIT_AS does not count which works here (each tried small)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    worked = []
+    for name, make, remove in (
+            ("shmget", lambda: libc.shmget(IPC_PRIVATE, 4096, 0o600), lambda i: libc.shmctl(i, IPC_RMID, None)),
+            ("msgget", lambda: libc.msgget(IPC_PRIVATE, 0o600), lambda i: libc.msgctl(i, IPC_RMID, None)),
+            ("semget", lambda: libc.semget(IPC_PRIVATE, 1, 0o600), lambda i: libc.semctl(i, 0, IPC_RMID)),
+            ("inotify", lambda: libc.inotify_init1(0), os.close),
+            ("unshare user namespace", lambda: libc.unshare(CLONE_NEWUSER), lambda i: None)):
+        handle = make()
+        if handle >= 0:
+            worked.append(name)
+            remove(handle)
+    try:
+        os.close(os.memfd_create("probe"))
+        worked.append("memfd_create")
+    except OSError:
+        pass
+    return worked
 
 
 def _writable(path: str) -> bool:
@@ -59,5 +105,8 @@ def check(memory_probe_bytes: int) -> dict:
         "writable_outside_work": [p for p in ("/usr/probe", "/probe", "/dev/probe") if _writable(p)],
         "work_writable": _writable("/work/probe"),
         "allocates_beyond_limit": _allocates(memory_probe_bytes),
+        "mounts": [line.split()[4] for line in open("/proc/1/mountinfo")],
         "forks": _forks(),
+        "threads": _threads(),
+        "memory_outside_address_space": _memory_outside_address_space(),  # last: may enter a user namespace
     }
