@@ -22,10 +22,10 @@ ARGS = ["--task_name", "arithmetic", "--prompts_per_step", "4", "--group_size", 
 CLOSE = ["loss", "entropy", "weights/mean", "weights/max", "weights/top20_mass", "grad_norm"]
 
 
-def _run(model_dir: Path, out: Path, devices: int, strategy: str) -> Path:
+def _run(model_dir: Path, out: Path, devices: int, strategy: str, *extra: str) -> Path:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "tests" / "grpo_launcher.py"), "--model_name", str(model_dir), *ARGS,
-           "--out_dir", str(out), "--devices", str(devices), "--strategy", strategy]
+           "--out_dir", str(out), "--devices", str(devices), "--strategy", strategy, *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out / "arithmetic" / "tiny-llama" / "grpo" / "r"
@@ -72,3 +72,7 @@ def test_fsdp_matches_one_process(tiny_model_dir, single, tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert [(n, p.shape) for n, p in policy.named_parameters()] == \
         [(n, p.shape) for n, p in reference.named_parameters()]
+    trained = load_file(run / "policy" / "model.safetensors")
+    _run(tiny_model_dir, tmp_path, 2, "fsdp", "--resume")  # loads the step-3 shards; nothing left to train
+    restored = load_file(run / "policy" / "model.safetensors")
+    assert all(torch.equal(trained[k], restored[k]) for k in trained)
