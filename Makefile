@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install sandbox-deps test test-slow test-vllm lint bench demo
+.PHONY: install sandbox-deps test test-slow test-vllm lint bench demo study
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,8 @@ bench: install
 
 demo: install
 	bash scripts/demo.sh
+
+# The CPU study (README, "Studies"): 4 soft masks x 3 seeds on the embedded model, about an hour on 2 idle
+# cores; rerunning resumes. The report lands in rollout_dump/arithmetic/smollm2-135m/studies/cpu_arithmetic/.
+study: install
+	$(PY) run_study.py --study studies/cpu_arithmetic.yaml

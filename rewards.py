@@ -1,9 +1,19 @@
 """REWARDS: name -> reward function, the user-editable registry.
 
-Each function has TRL's reward signature: ``fn(prompts, completions, **columns) -> list[float]``,
-where ``columns`` holds one list per dataset column (``answer``, ``task_name``, ``numbers``,
-``target``, ...), aligned with ``completions``. Add a reward by writing a function and adding it
-to ``REWARDS``; stage 1 dumps it as ``reward_<name>`` with group statistics, stage 3 trains on it.
+A reward function is written as for TRL's GRPOTrainer and called as TRL calls it, by keyword:
+``prompts``, ``completions``, ``completion_ids``, one list per dataset column (``answer``,
+``solution``, ``task_name``, ...) aligned with ``completions``, ``trainer_state`` (``.global_step``)
+and ``log_extra``/``log_metric``; take what you need and ``**kwargs`` for the rest. Return one
+float per completion, or None where it does not apply. ``async def`` works too. Prompts and
+completions are chat messages for a dataset whose ``prompt`` is chat messages, text otherwise.
+
+    def short(completions, **kwargs):
+        return [-len(c[0]["content"] if isinstance(c, list) else c) / 100 for c in completions]
+
+Add a reward by writing a function and adding it to ``REWARDS``; stage 1 dumps it as
+``reward_<name>`` with group statistics, stage 3 trains on it. The built-in functions below read
+text: ``REWARDS`` wraps them with ``plain_text`` so that chat messages reach them as text;
+``solution_accuracy`` is written as for TRL and registered as it is.
 
 Rows are routed by their ``task_name``, so one batch may mix tasks: ``correct`` picks the task's
 checker, and a task-specific reward scores 0 on another task's rows.
@@ -11,6 +21,7 @@ checker, and a task-specific reward scores 0 on another task's rows.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +34,8 @@ from pipeline.answers import (
     math_equal,
 )
 from pipeline.hybrid_reward import active_hybrid
+from pipeline.prompting import as_text
+from pipeline.scoring import CONTEXT
 from pipeline.tasks.blocksworld import PlanCheck, check_plan
 from pipeline.tasks.coding import code_format, tests_passed
 
@@ -67,9 +80,10 @@ CORRECT_BY_TASK: dict[str, RowScore] = {
 }
 
 
-def correct(prompts, completions, **columns) -> list[float]:
+def correct(prompts, completions, answer, **columns) -> list[float]:
     """1.0 for a right final answer, checked the way the row's task needs (math-verify by default)."""
-    return [CORRECT_BY_TASK.get(row.get("task_name"), _math_correct)(c, row) for c, row in _rows(completions, columns)]
+    rows = _rows(completions, {"answer": answer, **columns})
+    return [CORRECT_BY_TASK.get(row.get("task_name"), _math_correct)(c, row) for c, row in rows]
 
 
 def format_reward(prompts, completions, **_) -> list[float]:
@@ -120,7 +134,27 @@ def hybrid(prompts, completions, **columns) -> list[float]:
     return active_hybrid()(verified, prompts, completions, columns.get("question"))
 
 
-REWARDS = {
+def solution_accuracy(completions, solution, **kwargs) -> list[float | None]:
+    """Written as for TRL's GRPOTrainer, on chat completions and a ``solution`` column: 1.0 when the
+    final answer (tagged or not) equals the solution under math-verify, None where a row has none."""
+    contents = [completion[0]["content"] for completion in completions]
+    return [None if sol is None else _math_correct(content, {"answer": sol})
+            for content, sol in zip(contents, solution, strict=True)]
+
+
+def plain_text(fn: Callable[..., list[float]]) -> Callable[..., list[float]]:
+    """``fn`` called with text prompts and completions (chat messages as their text) and the dataset
+    columns only: what the built-in rewards read."""
+    @functools.wraps(fn)
+    def reward(prompts, completions, **kwargs) -> list[float]:
+        texts = None if prompts is None else [as_text(p) for p in prompts]
+        columns = {k: v for k, v in kwargs.items() if k not in ("completion_ids", *CONTEXT)}
+        return fn(texts, [as_text(c) for c in completions], **columns)
+
+    return reward
+
+
+REWARDS = {name: plain_text(fn) for name, fn in {
     "correct": correct,
     "format": format_reward,
     "valid_expression": valid_expression,
@@ -130,4 +164,4 @@ REWARDS = {
     "hybrid": hybrid,
     "tests_passed": tests_passed,
     "code_format": code_format,
-}
+}.items()} | {"solution_accuracy": solution_accuracy}

@@ -77,6 +77,8 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("out_dir", default="rollout_dump")
 @option("run_name", default=None)
 @option("resume", is_flag=True, default=False, help="Continue from the run's newest checkpoint.")
+@option("require_importance_gain", is_flag=True, default=False,
+        help="Refuse to start when the importance net's validation gain is not above 0 (its weights are noise).")
 @option("accelerator", default="auto", help="Fabric accelerator: auto (CUDA when there), cpu, cuda.")
 @option("vllm_importance_sampling_correction", type=bool, default=True,
         help="Correct vLLM's sampling/training mismatch with its sampled-token log-probs (TRL 1.16).")

@@ -52,7 +52,7 @@ def prompts(tokenizer, num_prompts: int, levels: tuple[int, ...], index_offset: 
     """Task prompts as stage 1 builds them (chat template applied); ``index_offset`` shifts group ids."""
     out = []
     for i, row in enumerate(build_rows(TASK, num_prompts, levels)):
-        text, ids = render_prompt(tokenizer, row["question"])
+        text, ids = render_prompt(tokenizer, row)
         out.append(Prompt(index_offset + i, row, text, ids))
     return out
 

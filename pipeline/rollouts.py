@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.generation.base import Completion, GenerationBackend, Request, SamplingParams
-from pipeline.scoring import score
+from pipeline.scoring import RewardBatch, score
 
 
 @dataclass(frozen=True)
@@ -91,24 +91,27 @@ def sample_pairs(backend: GenerationBackend, prompts: Sequence[Prompt], params: 
 
 
 def group_statistics(frame: pd.DataFrame, column: str) -> tuple[pd.Series, pd.Series]:
-    """Per-row mean and unbiased variance (ddof=1) of ``column`` over the row's group."""
+    """Per-row mean and unbiased variance (ddof=1) of ``column`` over the row's group, NaN rows
+    left out (as TRL's nanmean/nanstd); the variance is NaN with fewer than two values left."""
     grouped = frame.groupby("group_id")[column]
     return grouped.transform("mean"), grouped.transform(lambda s: s.var(ddof=1))
 
 
-def to_frame(records: Sequence[dict[str, Any]], tokenizer, weights: Mapping[str, float]) -> tuple[pd.DataFrame, dict]:
-    """Decode, score with the weighted reward functions, and add group statistics."""
-    texts = tokenizer.batch_decode([r["completion"].token_ids for r in records], skip_special_tokens=True)
+def to_frame(records: Sequence[dict[str, Any]], tokenizer,
+             weights: Mapping[str, float]) -> tuple[pd.DataFrame, RewardBatch]:
+    """Decode, score with the weighted reward functions, and add group statistics. ``reward`` is
+    TRL's total: the weighted nansum over functions, NaN only where every function gave none."""
+    completion_ids = [r["completion"].token_ids for r in records]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     rows = [r["prompt"].row for r in records]
-    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
-    rewards = score(weights, [r["prompt"].text for r in records], texts, columns)
+    rewards = score(weights, rows, [r["prompt"].text for r in records], texts, completion_ids)
     frame = pd.DataFrame({
         "prompt_id": [row["prompt_id"] for row in rows],
         "prompt_text": [r["prompt"].text for r in records],
         "prompt_token_ids": [r["prompt"].token_ids for r in records],
         "task_name": [str(row["task_name"]) for row in rows],
         "level": [row["level"] for row in rows],
-        "answer": [str(row["answer"]) for row in rows],
+        "answer": ["" if row.get("answer") is None else str(row["answer"]) for row in rows],
         "group_id": [r["group_id"] for r in records],
         "completion_id": [r["completion_id"] for r in records],
         "pair_id": [r["pair_id"] for r in records],
@@ -126,7 +129,7 @@ def to_frame(records: Sequence[dict[str, Any]], tokenizer, weights: Mapping[str,
         frame[f"reward_{name}"] = values
         frame[f"reward_{name}_group_mean"], frame[f"reward_{name}_group_var"] = group_statistics(
             frame, f"reward_{name}")
-    return frame, rewards.failures
+    return frame, rewards
 
 
 def generated_token_count(frame: pd.DataFrame) -> int:

@@ -23,7 +23,7 @@ from pipeline.hybrid_reward import prepare_hybrid
 from pipeline.models import load_tokenizer, model_slug, resolve_device
 from pipeline.prompting import render_prompt
 from pipeline.rollouts import PairingConfig, Prompt, generated_token_count, sample_pairs, to_frame, to_table
-from pipeline.scoring import parse_reward_weights
+from pipeline.scoring import check_reward_arguments, parse_reward_weights, summarize_batches
 from pipeline.tasks import build_rows, default_rewards, task_slug
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def prepare_dir(path: Path, args: Stage1Args) -> None:
 def _build_prompts(args: Stage1Args, tokenizer) -> list[Prompt]:
     prompts = []
     for index, row in enumerate(build_rows(args.task_name, args.num_prompts, args.levels)):
-        text, ids = render_prompt(tokenizer, row["question"])
+        text, ids = render_prompt(tokenizer, row)
         prompts.append(Prompt(index, row, text, ids))
     return prompts
 
@@ -149,6 +149,7 @@ def run(args: Stage1Args) -> Path:
     args.device = str(device)  # the metadata records where it ran
     tokenizer = load_tokenizer(args.model_name)
     prompts = _build_prompts(args, tokenizer)
+    check_reward_arguments(args.rewards, prompts[0].row)
     path = dump_dir(args)
     prepare_dir(path, args)
     chunks = [prompts[i:i + args.prompts_per_chunk] for i in range(0, len(prompts), args.prompts_per_chunk)]
@@ -167,14 +168,13 @@ def run(args: Stage1Args) -> Path:
     hybrid = prepare_hybrid(args.rewards, args.reward_model, path / "hybrid_calibration.json", backend, tokenizer,
                             [(p.text, p.token_ids) for p in prompts], [p.row["question"] for p in prompts],
                             args.rm_calibration_prompts, params, args.seed, device=device) if todo else None
-    generated_tokens, completions, failures = 0, 0, {}
+    generated_tokens, completions, scored = 0, 0, []
     bar = tqdm(todo, desc="chunks", unit="chunk")
     for c in bar:
         rng = np.random.default_rng([args.seed, c])
         records = sample_pairs(backend(), chunks[c], params, pairing, args.seed, rng)
-        frame, chunk_failures = to_frame(records, tokenizer, args.rewards)
-        for name, n in chunk_failures.items():
-            failures[name] = failures.get(name, 0) + n
+        frame, batch = to_frame(records, tokenizer, args.rewards)
+        scored.append(batch)
         dump.write_part(path / f"part-{c:05d}.parquet", to_table(frame, schema))
         completions += len(frame)
         generated_tokens += generated_token_count(frame)
@@ -183,13 +183,15 @@ def run(args: Stage1Args) -> Path:
     runtime = time.perf_counter() - t0
     full = dump.read_dump(path).to_pandas()
     counts = summarize(full)
+    reward_logs = summarize_batches(scored)
     metadata = {
         "arguments": asdict(args) | {"levels": list(args.levels)}, "output_dir": str(path),
         "started": started, "finished": artifacts.now_iso(), "runtime_s": round(runtime, 2),
         "chunks_generated_this_run": len(todo), "completions_this_run": completions,
         "generated_tokens_this_run": generated_tokens,
         "tokens_per_s": round(generated_tokens / runtime, 2) if todo else None,
-        "reward_failures_this_run": failures, "hybrid_reward": hybrid, "counts": counts, **artifacts.provenance(),
+        "reward_failures_this_run": reward_logs.pop("failures"), "reward_logs_this_run": reward_logs,
+        "hybrid_reward": hybrid, "counts": counts, **artifacts.provenance(),
     }
     artifacts.write_json(path / _metadata_name(args), metadata)
     print_summary(path, metadata)

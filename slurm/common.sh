@@ -12,6 +12,12 @@ export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # compute nodes rarely reach the hub: models come from the cache
 echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): $(command -v python)"
 
+# run_study.py --slurm submits a study's arm x seed runs as one array job of a stage template:
+# task i takes its options from the --config file named on line i + 1 of $RVG_ARRAY_CONFIGS.
+if [[ -n ${RVG_ARRAY_CONFIGS:-} ]]; then
+    set -- --config "$(sed -n "$(( ${SLURM_ARRAY_TASK_ID:?} + 1 ))p" "$RVG_ARRAY_CONFIGS")" "$@"
+fi
+
 # A requeued job (SLURM_RESTART_COUNT > 0) continues its run instead of refusing to overwrite it.
 # Arrays that may be empty expand as ${a[@]+"${a[@]}"}: bash < 4.4 (old cluster images ship 4.2)
 # calls a bare "${a[@]}" of an empty array unbound under set -u.

@@ -44,6 +44,32 @@ def test_matches_trl_on_random_rewards(scale_rewards: str, group_size: int) -> N
         assert zero_std_fraction(rewards, group_size) == pytest.approx(frac_zero)
 
 
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+def test_matches_trl_with_unscorable_rows(scale_rewards: str, group_size: int) -> None:
+    """NaN rewards (every reward function gave None): left out of mean and std, advantage 0."""
+    gen = torch.Generator().manual_seed(10 + group_size)
+    rewards = torch.rand(8 * group_size, generator=gen)
+    rewards[torch.rand(rewards.shape, generator=gen) < 0.3] = torch.nan
+    rewards[:group_size] = torch.nan  # a group with no reward at all
+    if group_size > 1:
+        rewards[group_size : 2 * group_size - 1] = torch.nan  # a group with one reward left: no std
+    expected, frac_zero = trl_advantages(rewards, group_size, scale_rewards)
+    ours = group_advantages(rewards, group_size, scale_rewards)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    assert (ours[rewards.isnan()] == 0).all() and ours.isfinite().all()
+    if scale_rewards != "batch":
+        assert zero_std_fraction(rewards, group_size) == pytest.approx(frac_zero)
+
+
+def test_hand_computed_values_with_a_nan_row() -> None:
+    rewards = torch.tensor([1.0, 0.0, math.nan, 1.0, math.nan, math.nan, math.nan, 2.0], dtype=torch.float64)
+    mean, std = 2 / 3, math.sqrt(1 / 3)  # of {1, 0, 1}, ddof=1
+    a, b = (1 - mean) / (std + 1e-4), (0 - mean) / (std + 1e-4)
+    torch.testing.assert_close(group_advantages(rewards, 4, "group"),
+                               torch.tensor([a, b, 0, a, 0, 0, 0, 0], dtype=torch.float64))
+
+
 def test_hand_computed_values() -> None:
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
     std = math.sqrt(0.5)  # unbiased std of {1, 0}

@@ -66,7 +66,8 @@ def test_calibration_is_saved_then_reused(reward_model_dir, tmp_path):
 def test_hybrid_reward_in_the_registry(reward_model_dir, tmp_path):
     hybrid = configure_hybrid(str(reward_model_dir), tmp_path / "calibration.json", alpha=0.3, beta=0.6)
     hybrid.calibrate(PROMPTS, COMPLETIONS, QUESTIONS)
-    batch = scoring.score({"hybrid": 1.0, "correct": 1.0}, PROMPTS, COMPLETIONS, COLUMNS)
+    rows = [dict(zip(COLUMNS, values, strict=True)) for values in zip(*COLUMNS.values(), strict=True)]
+    batch = scoring.score({"hybrid": 1.0, "correct": 1.0}, rows, PROMPTS, COMPLETIONS, [[1]] * 4)
     assert not batch.failures
     verified = [1.0, 1.0, 0.0, 0.0]
     np.testing.assert_array_equal(batch.per_function["correct"], verified)

@@ -80,16 +80,19 @@ def test_format_requires_exactly_one_tag():
     assert out == [1.0, 0.0, 0.0]
 
 
-def test_failing_reward_is_recorded_not_fatal(monkeypatch):
+def test_failing_rows_are_recorded_not_fatal(monkeypatch):
     def flaky(prompts, completions, **_):
-        return [math.nan if "nan" in c else 1 / 0 if "raise" in c else 1.0 for c in completions]
+        return [math.nan if "nan" in c else None if "none" in c else 1 / 0 if "raise" in c else 1.0
+                for c in completions]
 
     monkeypatch.setitem(rewards.REWARDS, "flaky", flaky)
-    batch = scoring.score({"flaky": 1.0, "format": 0.5}, ["p"] * 3, ["ok", "nan", "raise"], {"answer": ["1"] * 3})
-    assert batch.failures == {"flaky": 2}
+    texts = ["ok", "nan", "none", "raise", "<answer>1</answer> raise"]
+    batch = scoring.score({"flaky": 1.0, "format": 0.5}, [{"answer": "1"}] * 5, ["p"] * 5, texts, [[1]] * 5)
+    assert batch.failures == {"flaky": 2}  # only the rows it raised on; None and NaN mean "no reward"
     np.testing.assert_array_equal(batch.per_function["flaky"][:1], [1.0])
-    assert np.isnan(batch.per_function["flaky"][1:]).all() and np.isnan(batch.total[1:]).all()
-    assert batch.total[0] == 1.0
+    assert np.isnan(batch.per_function["flaky"][1:]).all()
+    # the total is the weighted nansum: format's 0 counts where flaky gave nothing
+    np.testing.assert_array_equal(batch.total, [1.0, 0.0, 0.0, 0.0, 0.5])
 
 
 def test_reward_weights_parsing():

@@ -3,6 +3,10 @@
 Rewards arrive flat, one per completion, the G completions of a prompt next to each other
 (TRL's layout: ``rewards.view(-1, G)`` is one row per prompt). Under DDP the caller gathers
 the rewards of every rank first, so that each group is whole, and slices its own part after.
+
+A NaN reward (every reward function gave None or failed) is left out of its group's mean and std
+and its advantage is 0; a group with fewer than two rewards left has no std, so all of its
+advantages are 0 (TRL's ``nanstd`` and ``nan_to_num``).
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
 
 
 def _group_std(grouped: Tensor) -> Tensor:
-    """Unbiased std of each group (one per row); 0 for groups of one, as TRL does."""
+    """Unbiased std of each group (one per row) over its non-NaN rewards, NaN with fewer than two of
+    them; 0 for groups of one, as TRL does."""
     if grouped.size(1) == 1:
         return torch.zeros(grouped.size(0), dtype=grouped.dtype, device=grouped.device)
-    return grouped.std(dim=1)
+    count = (~grouped.isnan()).sum(dim=1)
+    variance = torch.nanmean((grouped - torch.nanmean(grouped, dim=1, keepdim=True)) ** 2, dim=1)
+    bessel = torch.where(count > 1, count / (count - 1).clamp(min=1), torch.nan).to(grouped.dtype)
+    return (variance * bessel).sqrt()
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group") -> Tensor:
-    """A_i = (r_i - mean of its group) / (std + 1e-4).
+    """A_i = (r_i - mean of its group) / (std + 1e-4), 0 where that is NaN.
 
     ``scale_rewards``: "group" divides by the group's std (GRPO), "batch" by the std of the whole
     batch (more robust when a group's std is tiny), "none" does not divide (Dr. GRPO).
@@ -38,14 +46,12 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
     grouped = _grouped(rewards, group_size)
-    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
-    if scale_rewards == "none":
-        return advantages
+    advantages = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).flatten()
     if scale_rewards == "group":
-        std = _group_std(grouped).repeat_interleave(group_size)
-    else:  # the whole batch as one group
-        std = _group_std(rewards.view(1, -1))
-    return advantages / (std + STD_EPS)
+        advantages = advantages / (_group_std(grouped).repeat_interleave(group_size) + STD_EPS)
+    elif scale_rewards == "batch":  # the whole batch as one group
+        advantages = advantages / (_group_std(rewards.view(1, -1)) + STD_EPS)
+    return torch.nan_to_num(advantages, nan=0.0)
 
 
 def zero_std_fraction(rewards: Tensor, group_size: int) -> float:

@@ -23,11 +23,10 @@ def score_prompts(backend: GenerationBackend, tokenizer, rows: Sequence[dict[str
         return []
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     completions = backend.generate([Request(ids, max_new_tokens, 0) for _, ids in prompts], params)
-    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
-    correct = score({"correct": 1.0}, [t for t, _ in prompts], texts, columns).per_function["correct"]
-    return [(int(row["level"]), float(c), len(completion.token_ids))
-            for row, c, completion in zip(rows, correct, completions, strict=True)]
+    completion_ids = [c.token_ids for c in completions]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    correct = score({"correct": 1.0}, rows, [t for t, _ in prompts], texts, completion_ids).per_function["correct"]
+    return [(int(row["level"]), float(c), len(ids)) for row, c, ids in zip(rows, correct, completion_ids, strict=True)]
 
 
 def evaluate(backend: GenerationBackend, tokenizer, rows: Sequence[dict[str, Any]],

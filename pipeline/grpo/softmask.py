@@ -52,6 +52,23 @@ def delta(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quan
     return (f[:, 1:] - f[:, :-1]).clamp(min=0)
 
 
+@register_softmask("shuffled")
+def shuffled_delta(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float) -> Tensor:
+    """delta's weights, permuted at random among each completion's own valid tokens: a control.
+
+    Same weight distribution per completion, placed on the wrong tokens: it separates "credit on
+    the right tokens" from "any reweighting". The permutation draws from torch's default CPU
+    generator, which stage 3 seeds with --seed and checkpoints, so it is reproducible and resumes.
+    """
+    raw = delta(mask, f, entropies, entropy_quantile) * mask
+    invalid = ~mask.bool()
+    keys = torch.rand(mask.shape).to(mask.device).masked_fill(invalid, float("inf"))
+    positions = torch.arange(mask.size(1), device=mask.device, dtype=torch.float).expand(mask.shape)
+    source = keys.argsort(dim=-1)  # valid positions first, in random order
+    target = positions.masked_fill(invalid, float("inf")).argsort(dim=-1)  # valid positions first, in order
+    return torch.zeros_like(raw).scatter(1, target, raw.gather(1, source))
+
+
 @register_softmask("variance")
 def remaining_variance(
     mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float

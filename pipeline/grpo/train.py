@@ -39,6 +39,7 @@ from pipeline.grpo.config import NEEDS_IMPORTANCE, GRPOArgs, validate
 from pipeline.grpo.distributed import gather_objects, global_token_metrics, interleave_groups, reduce_metrics
 from pipeline.grpo.evaluation import evaluate
 from pipeline.grpo.fsdp import make_strategy
+from pipeline.grpo.importance_guard import check_importance_gain
 from pipeline.grpo.is_correction import (
     correction_metrics,
     importance_sampling_ratio,
@@ -54,7 +55,7 @@ from pipeline.grpo.softmask import soft_mask_weights
 from pipeline.hybrid_reward import prepare_hybrid
 from pipeline.models import load_causal_lm, load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
-from pipeline.scoring import parse_reward_weights
+from pipeline.scoring import check_reward_arguments, parse_reward_weights
 from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Trainer:
 
     def __init__(self, args: GRPOArgs):
         validate(args)
+        self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
         self.args = args
         try:
@@ -101,8 +103,11 @@ class Trainer:
         self.rows = build_rows(args.task_name, args.num_train_prompts, args.levels)
         eval_levels = list(args.levels) if is_user_dataset(args.task_name) else sorted({*args.levels, HELDOUT_LEVEL})
         self.eval_rows = build_rows(args.task_name, args.eval_prompts * len(eval_levels), eval_levels, split="eval")
-        self.prompts = [render_prompt(self.tokenizer, row["question"]) for row in self.rows]
-        self.eval_prompts = [render_prompt(self.tokenizer, row["question"]) for row in self.eval_rows]
+        check_reward_arguments(args.rewards, self.rows[0])
+        check_reward_arguments(["correct"], self.rows[0], fix="the evaluation checks answers with it: add an "
+                               "`answer` or `solution` column")
+        self.prompts = [render_prompt(self.tokenizer, row) for row in self.rows]
+        self.eval_prompts = [render_prompt(self.tokenizer, row) for row in self.eval_rows]
         try:
             self.sampler = samplers.build(args.sampler, self.rows, batch_size=args.prompts_per_step,
                                           total_steps=args.max_steps, seed=args.seed, **args.sampler_params)
@@ -199,7 +204,7 @@ class Trainer:
         mine = self._my_share(indices)
         t0 = time.perf_counter()
         exp = collect(self.backend, self.tokenizer, [self.rows[i] for i in mine], [self.prompts[i] for i in mine],
-                      args.group_size, self.params, args.rewards, args.seed, self.step)
+                      args.group_size, self.params, args.rewards, args.seed, self.step, args.max_steps)
         t_gen = time.perf_counter() - t0
         all_rewards = self._gather_rewards(exp.rewards)
         rank = fabric.global_rank
@@ -248,26 +253,29 @@ class Trainer:
             logged.update(correction_metrics(old_logps, sampled, mask, is_ratio))
         logged = reduce_metrics(fabric, logged)
         per_prompt = np.nanmean(all_rewards.reshape(-1, args.group_size), axis=1)
-        self.sampler.update(list(indices), per_prompt.tolist())
+        scored = np.isfinite(per_prompt)  # a prompt none of whose completions got a reward teaches nothing
+        self.sampler.update([i for i, ok in zip(indices, scored, strict=True) if ok], per_prompt[scored].tolist())
         sampler_sha = self._check_sampler_agreement()
         elapsed = time.perf_counter() - t0
         levels = np.array([self.rows[i]["level"] for i in indices for _ in range(args.group_size)])
         metrics = {
-            "step": self.step + 1, "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std()),
+            **exp.reward_metrics,
+            "step": self.step + 1, "reward_mean": float(np.nanmean(all_rewards)),
+            "reward_std": float(np.nanstd(all_rewards)),
             "frac_zero_std_groups": zero_std_fraction(torch.as_tensor(all_rewards), args.group_size),
             "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
             "completion_len": float(exp.completion_mask.sum(1).mean()),
             "truncated_frac": float(exp.truncated.float().mean()),
             "tokens_per_s": float(exp.completion_mask.sum() / t_gen), "step_time_s": elapsed,
             "generation_time_s": t_gen, "reward_failures": sum(exp.failures.values()), "sampler_sha": sampler_sha,
-            **{f"reward_mean/level_{lv}": float(all_rewards[levels == lv].mean()) for lv in sorted(set(levels))},
+            **{f"reward_mean/level_{lv}": float(np.nanmean(all_rewards[levels == lv])) for lv in sorted(set(levels))},
             **{f"reward/{name}": float(np.nanmean(v)) for name, v in exp.per_function.items()},
             **logged,
             **global_token_metrics(fabric, mask, entropies, weights),  # entropy, weights/*
             **{f"sampler/{k}": float(v) for k, v in self.sampler.probabilities().items()},
         }
-        samples = [{"step": self.step + 1, "prompt_id": self.rows[mine[i // args.group_size]]["prompt_id"],
+        samples = [{**{column: values[i] for column, values in exp.reward_extra.items() if len(values) == len(exp.texts)},
+                    "step": self.step + 1, "prompt_id": self.rows[mine[i // args.group_size]]["prompt_id"],
                     "level": self.rows[mine[i // args.group_size]]["level"],
                     "prompt": self.prompts[mine[i // args.group_size]][0], "completion": exp.texts[i],
                     "reward": float(exp.rewards[i]), "advantage": float(advantages[i]),
@@ -339,6 +347,7 @@ class Trainer:
         metadata = {"arguments": asdict(self.args), "run_dir": str(self.run_dir), "started": started,
                     "finished": artifacts.now_iso(), "runtime_s_this_process": round(runtime, 2),
                     "steps": self.step, "hybrid_reward": self.hybrid, "final_eval": final_eval.to_dict("records"),
+                    "importance_check": self.importance_check,
                     "final_metrics": metrics.iloc[-1].to_dict() if not metrics.empty else {},
                     **artifacts.provenance()}
         artifacts.write_json(self.run_dir / "metadata.json", metadata)

@@ -1,0 +1,108 @@
+"""Paired statistics over seeds: bootstrap intervals, the exact sign-flip test, Holm's correction.
+
+A study gives every arm the same seeds, and a seed fixes the prompt order and the first samples,
+so the unit of evidence is the per-seed difference arm - baseline. With n seeds the sign-flip
+test enumerates all 2^n sign patterns of those differences (exact under the null that the
+difference is symmetric about 0); its smallest two-sided p-value is 2 / 2^n (0.25 for 3 seeds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIDENCE = 0.95
+BOOTSTRAP_SAMPLES = 10_000
+MAX_EXACT_SEEDS = 24  # 2^24 sign patterns, enumerated in blocks
+_BLOCK_BITS = 16
+
+
+def bootstrap_mean_ci(values: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, confidence: float = CONFIDENCE,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement)."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    means = x[np.random.default_rng(seed).integers(0, x.size, (samples, x.size))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def bootstrap_band(curves: np.ndarray, samples: int = 2_000, confidence: float = CONFIDENCE,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise percentile band of the mean curve over seeds; ``curves`` is (seeds, steps), NaN-free."""
+    curves = np.asarray(curves, dtype=float)
+    rows = np.random.default_rng(seed).integers(0, curves.shape[0], (samples, curves.shape[0]))
+    means = curves[rows].mean(axis=1)  # (samples, steps)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail], axis=0)
+    return lo, hi
+
+
+def sign_flip_pvalue(differences: Sequence[float]) -> float:
+    """Exact two-sided p-value: the share of all 2^n sign patterns with |sum| >= the observed |sum|."""
+    d = np.asarray(differences, dtype=float)
+    n = d.size
+    if n == 0:
+        return float("nan")
+    if n > MAX_EXACT_SEEDS:
+        raise ValueError(f"the exact sign-flip test enumerates 2^n patterns; n = {n} > {MAX_EXACT_SEEDS}")
+    observed = abs(d.sum())
+    tolerance = 1e-12 * max(1.0, np.abs(d).sum())  # sums that equal the observed one up to rounding count
+    low_bits = min(n, _BLOCK_BITS)
+    low = 1 - 2 * ((np.arange(2 ** low_bits)[:, None] >> np.arange(low_bits)) & 1)  # (2^low, low) of +-1
+    low_sums = low @ d[:low_bits]
+    extreme = 0
+    for high in range(2 ** (n - low_bits)):
+        signs = 1 - 2 * ((high >> np.arange(n - low_bits)) & 1)
+        sums = low_sums + signs @ d[low_bits:]
+        extreme += int((np.abs(sums) >= observed - tolerance).sum())
+    return extreme / 2 ** n
+
+
+def smallest_pvalue(n: int) -> float:
+    """The smallest p-value the exact two-sided sign-flip test can give with n seeds."""
+    return 2 / 2 ** n if n else float("nan")
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order; NaN stays NaN."""
+    p = np.asarray(pvalues, dtype=float)
+    adjusted = np.full(p.size, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """An arm against the baseline on one metric, over the seeds both have."""
+
+    seeds: tuple[int, ...]
+    differences: tuple[float, ...]  # arm - baseline, per seed
+    mean: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+def compare_paired(arm: dict[int, float], baseline: dict[int, float], samples: int = BOOTSTRAP_SAMPLES,
+                   seed: int = 0) -> PairedComparison:
+    """Per-seed differences on the seeds both arms finished; mean, bootstrap CI, exact sign-flip p."""
+    seeds = tuple(sorted(set(arm) & set(baseline)))
+    diffs = np.array([arm[s] - baseline[s] for s in seeds], dtype=float)
+    if not seeds:
+        return PairedComparison((), (), float("nan"), float("nan"), float("nan"), float("nan"))
+    lo, hi = bootstrap_mean_ci(diffs, samples=samples, seed=seed)
+    return PairedComparison(seeds, tuple(diffs.tolist()), float(diffs.mean()), lo, hi, sign_flip_pvalue(diffs))
