@@ -42,7 +42,7 @@ def test_groups_come_back_in_prompt_order():
 def eval_set(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     rows = build_rows("arithmetic", 10, [0, 1, 2], split="eval")
-    return tokenizer, rows, [render_prompt(tokenizer, row["question"]) for row in rows]
+    return tokenizer, rows, [render_prompt(tokenizer, row) for row in rows]
 
 
 def test_sharded_evaluation_equals_one_process(eval_set):
