@@ -10,6 +10,7 @@ from pipeline.cli import (
     config_option,
     option,
     parse_levels,
+    report_to_option,
     reward_model_options,
     run_stage,
     stage_command,
@@ -79,6 +80,7 @@ def _mapping(_ctx, _param, value) -> dict:
 @option("resume", is_flag=True, default=False, help="Continue from the run's newest checkpoint.")
 @option("require_importance_gain", is_flag=True, default=False,
         help="Refuse to start when the importance net's validation gain is not above 0 (its weights are noise).")
+@report_to_option
 @option("accelerator", default="auto", help="Fabric accelerator: auto (CUDA when there), cpu, cuda.")
 @option("vllm_importance_sampling_correction", type=bool, default=True,
         help="Correct vLLM's sampling/training mismatch with its sampled-token log-probs (TRL 1.16).")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import config_option, option, run_stage, stage_command
+from pipeline.cli import config_option, option, report_to_option, run_stage, stage_command
 from pipeline.importance.data import GROUP_STATS
 from pipeline.importance.model import BACKBONE_MODES
 from pipeline.importance.train import PRECISIONS, run
@@ -41,6 +41,7 @@ from pipeline.importance.train import PRECISIONS, run
         help="Parent of the run directory [default: <dump's model dir>/importance_net].")
 @option("resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @option("report_examples", type=int, default=8, help="Validation completions in report.html; 0 = no report.")
+@report_to_option
 @run_stage
 def main(**kwargs) -> None:
     """Train f_theta(t) = Corr(R1, R2 | shared prefix of t tokens) by maximum likelihood on paired rollouts."""

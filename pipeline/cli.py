@@ -96,6 +96,20 @@ def reward_model_options(fn: Callable) -> Callable:
                   help="Sequence-classification RM for the 'hybrid' reward (HF dir or hub id).")(fn)
 
 
+def report_to_option(fn: Callable) -> Callable:
+    """``--report_to tensorboard,wandb``: experiment trackers besides metrics.csv (stages 2 and 3)."""
+    from pipeline.trackers import TRACKERS, parse_report_to
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: Any) -> tuple[str, ...]:
+        try:
+            return parse_report_to(value)
+        except UserError as err:
+            raise click.BadParameter(str(err)) from err
+
+    return option("report_to", default="csv", callback=parse,
+                  help=f"Trackers, comma-separated: {', '.join(TRACKERS)} (metrics.csv is always written).")(fn)
+
+
 config_option = click.option(
     "--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
     help="YAML file of option defaults (command-line flags win).",

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--task_name", "arithmetic", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "8",
         "--eval_prompts", "1", "--num_train_prompts", "16", "--lr", "1e-3", "--rewards", "completion_chars=1",
         "--max_steps", "3", "--save_every", "1", "--eval_every", "100", "--sampler", "variance_regularized",
-        "--sampler_params", "{warmup_steps: 0, update_period: 1}", "--loss_type", "dapo", "--run_name", "r"]
+        "--sampler_params", "{warmup_steps: 0, update_period: 1}", "--loss_type", "dapo", "--run_name", "r",
+        "--softmask", "entropy"]  # entropy: the kept tokens are the top 20% of both ranks together
 CLOSE = ["loss", "entropy", "weights/mean", "weights/max", "weights/top20_mass", "grad_norm"]
 
 

@@ -66,6 +66,7 @@ class GRPOArgs:
     run_name: str | None = None
     resume: bool = False
     require_importance_gain: bool = False
+    report_to: tuple[str, ...] = ("csv",)
     accelerator: str = "auto"  # Fabric's: auto (CUDA when there), cpu, cuda/gpu; every model of the run follows it
     vllm_importance_sampling_correction: bool = True  # TRL 1.16's names and defaults; vLLM backend only
     vllm_importance_sampling_mode: str = "sequence_mask"
@@ -76,7 +77,7 @@ class GRPOArgs:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
         skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend",
                 "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype",
-                "require_importance_gain", "accelerator"}
+                "require_importance_gain", "report_to", "accelerator"}
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 

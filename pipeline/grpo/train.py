@@ -49,14 +49,15 @@ from pipeline.grpo.is_correction import (
 from pipeline.grpo.logprobs import completion_logprobs
 from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
-from pipeline.grpo.reporting import RunTable, plot_curriculum, plot_learning_curve
+from pipeline.grpo.reporting import RunTable, refresh_plots
 from pipeline.grpo.rollout import Experience, collect
-from pipeline.grpo.softmask import soft_mask_weights
+from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights
 from pipeline.hybrid_reward import prepare_hybrid
 from pipeline.models import load_causal_lm, load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.scoring import check_reward_arguments, parse_reward_weights
 from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
+from pipeline.trackers import make_loggers, numeric_only
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,18 @@ class Trainer:
         self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
         self.args = args
+        self.run_dir = run_dir_for(args)
         try:
             self.fabric = L.Fabric(accelerator=args.accelerator, devices=_devices(args.devices),
                                    num_nodes=args.num_nodes, strategy=make_strategy(args.strategy, args.model_name),
-                                   precision=args.precision)
+                                   precision=args.precision,
+                                   loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
         except (ValueError, RuntimeError) as err:  # Lightning's one-line refusals (e.g. FSDP without a GPU)
             raise UserError(f"--accelerator {args.accelerator} --strategy {args.strategy}: {err}") from err
         self.fabric.launch()
         if args.prompts_per_step % self.fabric.world_size:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the "
                             f"{self.fabric.world_size} ranks: each rank owns whole groups")
-        self.run_dir = run_dir_for(args)
         self.tokenizer = load_tokenizer(args.model_name)
         self.importance = _load_importance(args, self.tokenizer)
         self.rows = build_rows(args.task_name, args.num_train_prompts, args.levels)
@@ -149,6 +151,8 @@ class Trainer:
         if self.fabric.is_global_zero:
             for table in self.tables.values():
                 table.flush()
+            for logger in self.fabric.loggers:
+                logger.save()
         self.fabric.barrier()
         return path
 
@@ -231,11 +235,11 @@ class Trainer:
             is_ratio = importance_sampling_ratio(old_logps, sampled, mask, args.vllm_importance_sampling_mode,
                                                  args.vllm_importance_sampling_clip_min,
                                                  args.vllm_importance_sampling_clip_max)
-        weights = None if args.softmask == "entropy" else self._weights(exp, mask, None)
+        weights = None if args.softmask in NEEDS_ENTROPY else self._weights(exp, mask, None)
         for _ in range(args.num_iterations):
             logps, entropies = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
                                                    args.temperature, with_entropy=True)
-            if args.softmask == "entropy":
+            if args.softmask in NEEDS_ENTROPY:
                 weights = self._weights(exp, mask, entropies)
             loss, loss_metrics = compute_policy_loss(
                 args.loss_type, logps, old_logps, advantages, mask, with_ratio(weights, is_ratio),
@@ -289,6 +293,10 @@ class Trainer:
         rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens,
                         fabric.global_rank, fabric.world_size, gather=lambda obj: gather_objects(fabric, obj))
         self.tables["eval"].extend([{"step": self.step, **row} for row in rows])
+        self.fabric.log_dict({f"eval/{key}/level_{row['level']}": row[key] for row in rows
+                              for key in ("accuracy", "mean_length")}, step=self.step)
+        if self.fabric.is_global_zero:
+            refresh_plots(self.tables["metrics"].frame(), self.tables["eval"].frame(), self.run_dir)
         log.info("eval step %d: %s", self.step, ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in rows))
 
     def fit(self) -> Path:
@@ -307,6 +315,8 @@ class Trainer:
         self.tables = {name: RunTable(self.run_dir / file, resume_step) for name, file in
                        (("metrics", "metrics.csv"), ("eval", "eval.csv"), ("samples", "samples.parquet"))}
         started, t0 = artifacts.now_iso(), time.perf_counter()
+        for logger in fabric.loggers:
+            logger.log_hyperparams(asdict(args))
         preempted = PreemptionFlag()
         if self.step == 0:
             self._evaluate()
@@ -317,6 +327,7 @@ class Trainer:
             self.step += 1
             self.tables["metrics"].extend([out["metrics"]])
             self.tables["samples"].extend(out["samples"])
+            fabric.log_dict(numeric_only(out["metrics"]), step=self.step)
             if fabric.is_global_zero:
                 self.tables["metrics"].flush()
             m = out["metrics"]
@@ -341,8 +352,7 @@ class Trainer:
         metrics, evals = self.tables["metrics"].frame(), self.tables["eval"].frame()
         for table in self.tables.values():
             table.flush()
-        plot_learning_curve(metrics, evals, self.run_dir / "learning_curve.png")
-        plot_curriculum(metrics, self.run_dir / "curriculum.png")
+        refresh_plots(metrics, evals, self.run_dir)
         final_eval = evals[evals["step"] == evals["step"].max()] if not evals.empty else evals
         metadata = {"arguments": asdict(self.args), "run_dir": str(self.run_dir), "started": started,
                     "finished": artifacts.now_iso(), "runtime_s_this_process": round(runtime, 2),
@@ -351,6 +361,8 @@ class Trainer:
                     "final_metrics": metrics.iloc[-1].to_dict() if not metrics.empty else {},
                     **artifacts.provenance()}
         artifacts.write_json(self.run_dir / "metadata.json", metadata)
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
         acc = ", ".join(f"L{r['level']} {r['accuracy']:.2f}" for r in metadata["final_eval"])
         log.info("GRPO done: %d steps in %.1f s; final reward %.3f; eval accuracy %s. Wrote %s "
                  "(policy/, checkpoints/, metrics.csv, eval.csv, samples.parquet, learning_curve.png, "

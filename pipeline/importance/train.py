@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.artifacts import ensure_writable_dir, now_iso, provenance, write_json
@@ -33,6 +33,7 @@ from pipeline.importance.model import ImportanceModule, NetConfig
 from pipeline.importance.plots import plot_calibration, plot_f_by_position
 from pipeline.importance.report import Example, write_report
 from pipeline.models import GGUF_ALIASES, load_tokenizer
+from pipeline.trackers import make_loggers, parse_report_to
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +134,14 @@ def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
 
 
 def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_from: Path | None,
-         **trainer_args: Any) -> tuple[L.Trainer, str]:
+         trackers: list[Logger], **trainer_args: Any) -> tuple[L.Trainer, str]:
     """Fit (or continue) the run, then evaluate its best checkpoint; returns the trainer and that checkpoint."""
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                  auto_insert_metric_name=False, monitor="val/nll", mode="min", save_top_k=1)
     # Lightning's save_last only refreshes last.ckpt when val/nll improves: a second callback writes it every epoch
     latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CKPT.removesuffix(".ckpt"),
                              enable_version_counter=False)
-    trainer = L.Trainer(logger=ResumableCSVLogger(run_dir, name="", version=""),
+    trainer = L.Trainer(logger=[ResumableCSVLogger(run_dir, name="", version=""), *trackers],
                         callbacks=[checkpoint, latest, TableWriter(run_dir)], enable_progress_bar=True,
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
                         default_root_dir=run_dir, **trainer_args)
@@ -165,7 +166,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
         val_fraction: float = 0.1, max_epochs: int = 10, batch_size: int = 32, lr: float = 1e-2,
         backbone_lr: float = 1e-4, precision: str = "32-true", devices: str | int = 1, accelerator: str = "auto",
         seed: int = 0, run_name: str | None = None, out_dir: str | Path | None = None, resume: bool = False,
-        report_examples: int = 8) -> dict[str, Any]:
+        report_examples: int = 8, report_to: tuple[str, ...] = ("csv",)) -> dict[str, Any]:
     """Train the importance network on a stage-1 dump; returns the run summary (also in metadata.json)."""
     started, t0 = now_iso(), time.time()
     if precision not in PRECISIONS:
@@ -187,13 +188,14 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
                         f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
     run_name = run_name or f"{backbone_mode}-{dm.reward_column}-{group_stats}"
     run_dir = default_run_dir(rollouts, run_name, out_dir)
+    trackers = make_loggers(report_to, run_dir, run_name)
     args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
             "group_stats": group_stats, "backbone_mode": backbone_mode, "last_k": last_k, "lora_r": lora_r,
             "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
             "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "backbone_lr": backbone_lr,
             "precision": precision, "devices": str(devices), "accelerator": accelerator, "seed": seed,
             "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
-            "report_examples": report_examples}
+            "report_examples": report_examples, "report_to": list(parse_report_to(report_to))}
 
     is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
     if is_rank_zero:
@@ -212,8 +214,8 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
                 "counts": dm.counts, "baseline_f": baseline_f, "started": started, **provenance()}
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
-    trainer, best = _fit(module, dm, run_dir, resume_from, max_epochs=max_epochs, accelerator=accelerator,
-                         devices=_devices(devices), precision=precision)
+    trainer, best = _fit(module, dm, run_dir, resume_from, trackers, max_epochs=max_epochs,
+                         accelerator=accelerator, devices=_devices(devices), precision=precision)
     final = module.val_summary
     if not is_rank_zero:
         return final
