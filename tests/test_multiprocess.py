@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # lr 1e-3: Adam turns float-level gradient differences on near-zero gradients into steps of order lr
 ARGS = ["--task_name", "arithmetic", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "8",
         "--eval_prompts", "1", "--num_train_prompts", "16", "--lr", "1e-3", "--rewards", "completion_chars=1",
-        "--max_steps", "3", "--save_every", "1", "--eval_every", "100", "--sampler", "variance_regularized",
-        "--sampler_params", "{warmup_steps: 0, update_period: 1}", "--loss_type", "dapo", "--run_name", "r",
-        "--softmask", "entropy"]  # entropy: the kept tokens are the top 20% of both ranks together
+        "--eval_every", "100", "--sampler", "variance_regularized", "--sampler_params",
+        "{warmup_steps: 0, update_period: 1}", "--loss_type", "dapo", "--run_name", "r"]
+# entropy: the kept tokens are the top 20% of both ranks together. Two steps: a 0/1 mask at a
+# quantile flips on float-level entropy differences once the runs' weights have drifted by ~1e-6.
+DDP = ("--max_steps", "2", "--save_every", "2", "--softmask", "entropy")
+FSDP = ("--max_steps", "3", "--save_every", "1")  # three saves: the third prunes the first
 CLOSE = ["loss", "entropy", "weights/mean", "weights/max", "weights/top20_mass", "grad_norm"]
 
 
@@ -32,12 +34,7 @@ def _run(model_dir: Path, out: Path, devices: int, strategy: str, *extra: str) -
     return out / "arithmetic" / "tiny-llama" / "grpo" / "r"
 
 
-@pytest.fixture(scope="module")
-def single(tiny_model_dir, tmp_path_factory) -> Path:
-    return _run(tiny_model_dir, tmp_path_factory.mktemp("one"), 1, "auto")
-
-
-def assert_same_run(single: Path, double: Path, base_model: Path) -> None:
+def assert_same_run(single: Path, double: Path, base_model: Path, steps: int) -> None:
     m1, m2 = pd.read_csv(single / "metrics.csv"), pd.read_csv(double / "metrics.csv")
     pd.testing.assert_series_equal(m1["reward_mean"], m2["reward_mean"])
     for column in CLOSE:  # global values, not rank 0's share
@@ -45,7 +42,7 @@ def assert_same_run(single: Path, double: Path, base_model: Path) -> None:
     # the same sampler state after every step (and, checked in the loop, on every rank)
     assert m1["sampler_sha"].tolist() == m2["sampler_sha"].tolist()
     s1, s2 = pd.read_parquet(single / "samples.parquet"), pd.read_parquet(double / "samples.parquet")
-    assert len(s2) == 3 * 4 * 4, "every rank's completions, not rank 0's"
+    assert len(s2) == steps * 4 * 4, "every rank's completions, not rank 0's"
     same = ["step", "prompt_id", "completion", "reward"]
     pd.testing.assert_frame_equal(s1[same], s2[same])
     pd.testing.assert_frame_equal(pd.read_csv(single / "eval.csv"), pd.read_csv(double / "eval.csv"))
@@ -57,15 +54,17 @@ def assert_same_run(single: Path, double: Path, base_model: Path) -> None:
     assert any(not torch.equal(w1[k], base[k]) for k in w1)
 
 
-def test_two_ranks_match_one_process(tiny_model_dir, single, tmp_path):
-    assert_same_run(single, _run(tiny_model_dir, tmp_path, 2, "ddp"), tiny_model_dir)
+def test_two_ranks_match_one_process(tiny_model_dir, tmp_path):
+    single = _run(tiny_model_dir, tmp_path / "one", 1, "auto", *DDP)
+    assert_same_run(single, _run(tiny_model_dir, tmp_path / "two", 2, "ddp", *DDP), tiny_model_dir, steps=2)
 
 
-def test_fsdp_matches_one_process(tiny_model_dir, single, tmp_path):
+def test_fsdp_matches_one_process(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run = _run(tiny_model_dir, tmp_path, 2, "fsdp")
-    assert_same_run(single, run, tiny_model_dir)
+    single = _run(tiny_model_dir, tmp_path / "one", 1, "auto", *FSDP)
+    run = _run(tiny_model_dir, tmp_path / "two", 2, "fsdp", *FSDP)
+    assert_same_run(single, run, tiny_model_dir, steps=3)
     checkpoints = sorted((run / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["step-000002.ckpt", "step-000003.ckpt"], "older ones pruned"
     assert all(p.is_dir() and (p / "meta.pt").is_file() for p in checkpoints), "FSDP checkpoints are shard dirs"
@@ -74,6 +73,6 @@ def test_fsdp_matches_one_process(tiny_model_dir, single, tmp_path):
     assert [(n, p.shape) for n, p in policy.named_parameters()] == \
         [(n, p.shape) for n, p in reference.named_parameters()]
     trained = load_file(run / "policy" / "model.safetensors")
-    _run(tiny_model_dir, tmp_path, 2, "fsdp", "--resume")  # loads the step-3 shards; nothing left to train
+    _run(tiny_model_dir, tmp_path / "two", 2, "fsdp", *FSDP, "--resume")  # loads the step-3 shards; nothing to train
     restored = load_file(run / "policy" / "model.safetensors")
     assert all(torch.equal(trained[k], restored[k]) for k in trained)
