@@ -15,7 +15,6 @@ yet); the ``hybrid`` entry of rewards.py then reads the configured instance via 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from pipeline.artifacts import now_iso, write_json
+from pipeline.artifacts import now_iso, read_json, write_json
 from pipeline.errors import UserError
 from pipeline.generation.base import GenerationBackend, Request, SamplingParams
 from pipeline.models import load_tokenizer, resolve_model
@@ -66,7 +65,7 @@ class HybridReward:
     def _load_calibration(self) -> dict[str, Any] | None:
         if not self.state_path.exists():
             return None
-        state = json.loads(self.state_path.read_text())
+        state = read_json(self.state_path, "delete it to calibrate again")
         if state["reward_model"] != self.reward_model:
             raise UserError(f"'{self.state_path}' holds a calibration of reward model '{state['reward_model']}', "
                             f"not '{self.reward_model}': use another output directory or delete the file")
@@ -146,6 +145,20 @@ def active_hybrid() -> HybridReward:
     return _active
 
 
+def check_hybrid_args(weights: Mapping[str, float], reward_model: str | None) -> None:
+    """``--reward_model`` goes with the ``hybrid`` reward, both ways (checked before anything loads)."""
+    if "hybrid" in weights and not reward_model:
+        raise UserError("--rewards hybrid needs --reward_model PATH_OR_ID (a one-output sequence classifier)")
+    if reward_model and "hybrid" not in weights:
+        raise UserError(f"--reward_model is only used by the hybrid reward: add hybrid=1 to --rewards "
+                        f"(now {','.join(f'{k}={v:g}' for k, v in weights.items())}) or drop --reward_model")
+    if reward_model:
+        try:
+            resolve_model(reward_model)
+        except UserError as err:
+            raise UserError(f"--reward_model: {err}") from err
+
+
 def prepare_hybrid(weights: Mapping[str, float], reward_model: str | None, state_path: Path,
                    backend: Callable[[], GenerationBackend], tokenizer,
                    prompts: Sequence[tuple[str, list[int]]], questions: Sequence[str], num_prompts: int,
@@ -158,10 +171,9 @@ def prepare_hybrid(weights: Mapping[str, float], reward_model: str | None, state
     in ``state_path`` and skips the warm-up pass. With several ranks (``gather`` collects every
     rank's list), rank r generates and scores warm-up prompts r, r + world_size, ...
     """
+    check_hybrid_args(weights, reward_model)
     if "hybrid" not in weights:
         return None
-    if not reward_model:
-        raise UserError("--rewards hybrid needs --reward_model PATH_OR_ID (a one-output sequence classifier)")
     engine = backend()
     hybrid = configure_hybrid(reward_model, state_path, device=device)
     if hybrid.calibration is None:

@@ -110,6 +110,8 @@ def test_the_engine_is_built_before_the_reward_model(monkeypatch, tmp_path):
     monkeypatch.setattr(hybrid_reward, "configure_hybrid", lambda *a, **k: order.append("reward model") or RM())
     from pipeline.generation.base import SamplingParams
 
-    hybrid_reward.prepare_hybrid({"hybrid": 1.0}, "rm", tmp_path / "c.json", engine, Tokenizer(), [("p", [1])],
-                                 ["q"], 1, SamplingParams(), 0)
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text("{}")
+    hybrid_reward.prepare_hybrid({"hybrid": 1.0}, str(tmp_path / "rm"), tmp_path / "c.json", engine, Tokenizer(),
+                                 [("p", [1])], ["q"], 1, SamplingParams(), 0)
     assert order == ["engine", "reward model"]

@@ -2,14 +2,15 @@
 
 A checkpoint is ``checkpoints/step-NNNNNN.ckpt``: one file (single process, DDP) or, under FSDP, a
 directory of per-rank shards plus ``meta.pt``. Both are written under a hidden temporary name and
-renamed by rank 0, so a crash never leaves a half-written newest checkpoint; the oldest beyond
-``KEEP_CHECKPOINTS`` are removed, files and directories alike.
+renamed by rank 0, so a crash never leaves a half-written newest checkpoint; the oldest beyond the
+newest ``keep`` (``--save_total_limit``) are removed, files and directories alike.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,18 @@ def prune(folder: Path, keep: int = KEEP_CHECKPOINTS) -> None:
         remove(old)
 
 
-def save_checkpoint(fabric, folder: Path, step: int, state: dict[str, Any], keep: int = KEEP_CHECKPOINTS) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` (all ranks call: FSDP ranks write their shards)."""
+def save_checkpoint(fabric, folder: Path, step: int, state: dict[str, Any], keep: int = KEEP_CHECKPOINTS,
+                    before_publish: Callable[[], None] = lambda: None) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` (all ranks call: FSDP ranks write their shards).
+
+    ``before_publish`` runs on rank 0 once every shard is written, before the checkpoint takes its name.
+    """
     path = folder / f"step-{step:06d}.ckpt"
     tmp = folder / f".{path.name}.tmp"
     fabric.save(tmp, state)
     fabric.barrier()
     if fabric.is_global_zero:
+        before_publish()
         remove(path)  # a second save of the same step (a preemption right after a scheduled save)
         tmp.replace(path)
         prune(folder, keep)

@@ -39,6 +39,17 @@ class RunTable:
         return pd.DataFrame(self.rows)
 
 
+def window_mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics row for the steps since the last (``--logging_steps``, as TRL logs): numbers averaged,
+    ``step`` and anything else from the last step."""
+    row = dict(rows[-1])
+    for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in rows if key in r]
+            row[key] = sum(values) / len(values)
+    return row
+
+
 def refresh_plots(metrics: pd.DataFrame, evals: pd.DataFrame, run_dir: Path) -> None:
     """learning_curve.png and curriculum.png of the run so far, each replaced atomically."""
     plot_learning_curve(metrics, evals, run_dir / "learning_curve.png")

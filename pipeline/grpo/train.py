@@ -17,12 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import get_scheduler
 
 from pipeline import artifacts, samplers
+from pipeline.cli import check_lightning
 from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
 from pipeline.generation.select import make_backend, resolve_backend
@@ -35,7 +36,7 @@ from pipeline.grpo.checkpoints import (
     save_policy,
     set_rng_state,
 )
-from pipeline.grpo.config import NEEDS_IMPORTANCE, GRPOArgs, validate
+from pipeline.grpo.config import NEEDS_IMPORTANCE, RESUMABLE_ARGS, GRPOArgs, changed_on_resume, validate
 from pipeline.grpo.distributed import gather_objects, global_token_metrics, interleave_groups, reduce_metrics
 from pipeline.grpo.evaluation import evaluate
 from pipeline.grpo.fsdp import make_strategy
@@ -49,10 +50,10 @@ from pipeline.grpo.is_correction import (
 from pipeline.grpo.logprobs import completion_logprobs
 from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
-from pipeline.grpo.reporting import RunTable, refresh_plots
+from pipeline.grpo.reporting import RunTable, refresh_plots, window_mean
 from pipeline.grpo.rollout import Experience, collect
 from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights
-from pipeline.hybrid_reward import prepare_hybrid
+from pipeline.hybrid_reward import check_hybrid_args, prepare_hybrid
 from pipeline.models import load_causal_lm, load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.scoring import check_reward_arguments, parse_reward_weights
@@ -65,6 +66,46 @@ log = logging.getLogger(__name__)
 def run_dir_for(args: GRPOArgs) -> Path:
     name = args.run_name or f"{args.softmask}_{args.sampler}_{args.identity()}"
     return artifacts.stage_dir(args.out_dir, task_slug(args.task_name), model_slug(args.model_name)) / "grpo" / name
+
+
+def checkpoint_args(path: Path) -> dict[str, Any]:
+    """The arguments a checkpoint was saved with, without reading its tensors (a sharded checkpoint is a
+    directory whose meta.pt holds them)."""
+    file = path / "meta.pt" if path.is_dir() else path
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=not path.is_dir())["args"]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise UserError(f"checkpoint '{path}' does not load ({type(err).__name__}): delete it to resume from the "
+                        "one before, or pass a new --run_name") from err
+
+
+def resume_from(run_dir: Path, args: GRPOArgs) -> Path | None:
+    """The checkpoint to continue, checked before anything loads: a run without --resume never writes over
+    one with checkpoints, and a resume must keep every defining argument."""
+    artifacts.check_writable(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        if args.resume:
+            log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
+        return None
+    if not args.resume:
+        raise UserError(f"'{run_dir}' already has checkpoints: pass --resume to continue it or --run_name for a "
+                        "new run")
+    saved = checkpoint_args(checkpoint)
+    changed = changed_on_resume(saved, args)
+    if changed:
+        given = asdict(args)
+        differences = ", ".join(f"--{k} ({saved[k]!r} in the checkpoint, {given[k]!r} given)" for k in changed)
+        may_change = ", ".join(f"--{k}" for k in RESUMABLE_ARGS)
+        raise UserError(f"--resume: {differences} differ from the run in '{run_dir}': resume with the run's values "
+                        f"(only {may_change} may change), or pass a new --run_name")
+    return checkpoint
+
+
+def make_scheduler(args: GRPOArgs, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedule by name (TRL's default: linear), stepped once per training step over --max_steps."""
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup(),
+                         num_training_steps=args.max_steps)
 
 
 def _load_importance(args: GRPOArgs, tokenizer):
@@ -85,17 +126,16 @@ class Trainer:
 
     def __init__(self, args: GRPOArgs):
         validate(args)
-        self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
+        check_hybrid_args(args.rewards, args.reward_model)
+        args.backend = resolve_backend(args.backend)  # the metadata records which one ran
         self.args = args
         self.run_dir = run_dir_for(args)
-        try:
-            self.fabric = L.Fabric(accelerator=args.accelerator, devices=_devices(args.devices),
-                                   num_nodes=args.num_nodes, strategy=make_strategy(args.strategy, args.model_name),
-                                   precision=args.precision,
-                                   loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
-        except (ValueError, RuntimeError) as err:  # Lightning's one-line refusals (e.g. FSDP without a GPU)
-            raise UserError(f"--accelerator {args.accelerator} --strategy {args.strategy}: {err}") from err
+        self.checkpoint = resume_from(self.run_dir, args)
+        self.fabric = check_lightning(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+                                      strategy=make_strategy(args.strategy, args.model_name), precision=args.precision,
+                                      loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
+        self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         self.fabric.launch()
         if args.prompts_per_step % self.fabric.world_size:
             raise UserError(f"--prompts_per_step {args.prompts_per_step} must be a multiple of the "
@@ -119,14 +159,12 @@ class Trainer:
         self.policy = load_causal_lm(args.model_name)
         self.reference = load_causal_lm(args.model_name).eval().requires_grad_(False) if args.beta else None
         optimizer = torch.optim.AdamW(self.policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
+        self.scheduler = make_scheduler(args, optimizer)
         self.model, self.optimizer = self.fabric.setup(self.policy, optimizer)
         if self.reference is not None:
             self.reference = self.fabric.to_device(self.reference)
         if self.importance is not None:
             self.importance.to(self.fabric.device)
-        args.backend = resolve_backend(args.backend)  # the metadata records which one ran
         self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.model,
                                     batch_size=args.batch_size, seed=args.seed,
                                     vllm=VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization,
@@ -147,14 +185,15 @@ class Trainer:
                 "args": asdict(self.args)}
 
     def save(self) -> Path:
-        path = save_checkpoint(self.fabric, self.run_dir / "checkpoints", self.step, self._state())
-        if self.fabric.is_global_zero:
-            for table in self.tables.values():
-                table.flush()
-            for logger in self.fabric.loggers:
-                logger.save()
-        self.fabric.barrier()
-        return path
+        return save_checkpoint(self.fabric, self.run_dir / "checkpoints", self.step, self._state(),
+                               self.args.save_total_limit, before_publish=self._flush_tables)
+
+    def _flush_tables(self) -> None:
+        """Rank 0, before a checkpoint appears: a checkpoint never lacks the rows up to its step."""
+        for table in self.tables.values():
+            table.flush()
+        for logger in self.fabric.loggers:
+            logger.save()
 
     def restore(self, path: Path) -> None:
         state = self._state()
@@ -243,8 +282,8 @@ class Trainer:
                 weights = self._weights(exp, mask, entropies)
             loss, loss_metrics = compute_policy_loss(
                 args.loss_type, logps, old_logps, advantages, mask, with_ratio(weights, is_ratio),
-                ref_logps=ref_logps, beta=args.beta,
-                epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, max_completion_length=args.max_new_tokens,
+                ref_logps=ref_logps, beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
+                importance_sampling_level=args.importance_sampling_level, max_completion_length=args.max_new_tokens,
                 num_items_in_batch=num_items)
             fabric.backward(loss)
             grad_norm = fabric.clip_gradients(self.model, self.optimizer, max_norm=args.max_grad_norm)
@@ -301,12 +340,7 @@ class Trainer:
 
     def fit(self) -> Path:
         args, fabric = self.args, self.fabric
-        checkpoint = latest_checkpoint(self.run_dir) if args.resume else None
-        if args.resume and checkpoint is None:
-            log.info("--resume: no checkpoint in %s, starting fresh", self.run_dir)
-        if not args.resume and latest_checkpoint(self.run_dir) is not None:
-            raise UserError(f"'{self.run_dir}' already has checkpoints: pass --resume to continue it or "
-                            "--run_name for a new run")
+        checkpoint = self.checkpoint
         if checkpoint is not None:
             self.restore(checkpoint)
         if fabric.is_global_zero:
@@ -322,14 +356,19 @@ class Trainer:
             self._evaluate()
         bar = tqdm(range(self.step, args.max_steps), initial=self.step, total=args.max_steps, desc="grpo",
                    disable=not fabric.is_global_zero)
+        window: list[dict[str, Any]] = []  # metrics of the steps since the last logged row
         for _ in bar:
             out = self.training_step(self.sampler.next_batch())
             self.step += 1
-            self.tables["metrics"].extend([out["metrics"]])
+            window.append(out["metrics"])
             self.tables["samples"].extend(out["samples"])
-            fabric.log_dict(numeric_only(out["metrics"]), step=self.step)
-            if fabric.is_global_zero:
-                self.tables["metrics"].flush()
+            if self.step % args.logging_steps == 0 or self.step == args.max_steps:
+                row = window_mean(window)
+                window = []
+                self.tables["metrics"].extend([row])
+                fabric.log_dict(numeric_only(row), step=self.step)
+                if fabric.is_global_zero:
+                    self.tables["metrics"].flush()
             m = out["metrics"]
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}",
                             tok_s=f"{m['tokens_per_s']:.0f}")
@@ -369,10 +408,6 @@ class Trainer:
                  "curriculum.png, metadata.json)", self.step, runtime,
                  metadata["final_metrics"].get("reward_mean", float("nan")), acc, self.run_dir)
         return self.run_dir
-
-
-def _devices(value: str) -> int | str:
-    return int(value) if str(value).isdigit() else value
 
 
 def run(args: GRPOArgs) -> Path:

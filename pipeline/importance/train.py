@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import time
 import warnings
@@ -22,17 +21,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline.artifacts import ensure_writable_dir, now_iso, provenance, write_json
+from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, read_json, write_json
+from pipeline.cli import check_lightning, lightning_devices
 from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
-from pipeline.importance.data import PairDataModule
+from pipeline.importance.data import PairDataModule, dump_reward_column
 from pipeline.importance.export import load, save_export
 from pipeline.importance.loss import best_constant_f
 from pipeline.importance.metrics import TABLES, TableWriter
 from pipeline.importance.model import ImportanceModule, NetConfig
 from pipeline.importance.plots import plot_calibration, plot_f_by_position
 from pipeline.importance.report import Example, write_report
-from pipeline.models import GGUF_ALIASES, load_tokenizer
+from pipeline.models import GGUF_ALIASES, load_config, load_tokenizer
 from pipeline.trackers import make_loggers, parse_report_to
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 # A resumed run must see the same data and network as the one it continues.
 IDENTITY_ARGS = ("rollouts", "backbone", "reward_key", "group_stats", "val_fraction", "seed", "backbone_mode",
                  "last_k", "lora_r", "lora_alpha", "head_hidden")
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 LAST_CKPT = "last.ckpt"
 
 
@@ -110,20 +109,19 @@ def _check_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> Non
         log.info("--resume: no checkpoint in '%s' yet, starting the run from the beginning", run_dir)
         return
     meta_path = run_dir / "metadata.json"
-    previous = json.loads(meta_path.read_text()).get("arguments", {}) if meta_path.is_file() else {}
+    previous = read_json(meta_path, "restore it, or pass a new --run_name").get("arguments", {}) \
+        if meta_path.is_file() else {}
     changed = [k for k in IDENTITY_ARGS if k in previous and previous[k] != identity[k]]
     if changed:
         raise UserError(f"--resume: {', '.join(changed)} differ from the run in '{run_dir}': resume with "
                         f"the same values, or pass a new --run_name")
 
 
-def _devices(value: str | int) -> int | str | list[int]:
-    text = str(value).strip()
-    if text.isdigit():
-        return int(text)
-    if "," in text:
-        return [int(x) for x in text.split(",") if x.strip()]
-    return text
+def _check_last_k(backbone: str, backbone_mode: str, last_k: int) -> None:
+    """--last_k against the backbone's depth, from its config, before the weights load."""
+    layers = getattr(load_config(backbone), "num_hidden_layers", None) if backbone_mode == "last_k" else None
+    if layers is not None and not 1 <= last_k <= layers:
+        raise UserError(f"--last_k must be in 1..{layers} for this backbone, got {last_k}")
 
 
 def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
@@ -169,24 +167,18 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
         report_examples: int = 8, report_to: tuple[str, ...] = ("csv",)) -> dict[str, Any]:
     """Train the importance network on a stage-1 dump; returns the run summary (also in metadata.json)."""
     started, t0 = now_iso(), time.time()
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    check_lightning(quiet=True, accelerator=accelerator, devices=devices, precision=precision)
     meta = read_metadata(rollouts)
-    log.info("rollouts '%s': %s", rollouts, schema_version(rollouts, meta))
+    version = schema_version(rollouts, meta)
     backbone = backbone or meta.get("model_name")
     if not backbone:
         raise UserError(f"rollouts '{rollouts}' record no model_name: pass --backbone")
+    check_writable(default_run_dir(rollouts, run_name or "run", out_dir).parent)
+    _check_last_k(backbone, backbone_mode, last_k)
     tokenizer = load_tokenizer(backbone)
     fingerprint = tokenizer_fingerprint(tokenizer)
     check_tokenizer(meta, fingerprint, backbone, rollouts)
-
-    L.seed_everything(seed, verbose=False)
-    dm = PairDataModule(rollouts, reward_key, group_stats, val_fraction, batch_size, seed)
-    dm.setup()
-    if dm.max_token_id() >= len(tokenizer):
-        raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
-                        f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
-    run_name = run_name or f"{backbone_mode}-{dm.reward_column}-{group_stats}"
+    run_name = run_name or f"{backbone_mode}-{dump_reward_column(rollouts, reward_key)}-{group_stats}"
     run_dir = default_run_dir(rollouts, run_name, out_dir)
     trackers = make_loggers(report_to, run_dir, run_name)
     args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
@@ -196,11 +188,18 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
             "precision": precision, "devices": str(devices), "accelerator": accelerator, "seed": seed,
             "run_name": run_name, "out_dir": str(out_dir) if out_dir else None, "resume": resume,
             "report_examples": report_examples, "report_to": list(parse_report_to(report_to))}
-
     is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
     if is_rank_zero:
         _check_run_dir(run_dir, resume, args)
     resume_from = _checkpoints(run_dir)[-1] if resume and _checkpoints(run_dir) else None
+
+    log.info("rollouts '%s': %s", rollouts, version)
+    L.seed_everything(seed, verbose=False)
+    dm = PairDataModule(rollouts, reward_key, group_stats, val_fraction, batch_size, seed)
+    dm.setup()
+    if dm.max_token_id() >= len(tokenizer):
+        raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
+                        f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
 
     baseline_f = best_constant_f(dm.train.z1, dm.train.z2)
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden)
@@ -215,7 +214,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
     trainer, best = _fit(module, dm, run_dir, resume_from, trackers, max_epochs=max_epochs,
-                         accelerator=accelerator, devices=_devices(devices), precision=precision)
+                         accelerator=accelerator, devices=lightning_devices(devices), precision=precision)
     final = module.val_summary
     if not is_rank_zero:
         return final
