@@ -25,7 +25,8 @@ def allow_fsdp_on_cpu() -> None:
 
     def check_as_if_on_gpu(self):
         flag = self._accelerator_flag
-        if isinstance(self._strategy_flag, FSDPStrategy) and flag == "cpu":
+        fsdp = isinstance(self._strategy_flag, FSDPStrategy) or self._strategy_flag == "fsdp"
+        if fsdp and flag == "cpu":
             self._accelerator_flag = "cuda"
         try:
             check(self)

@@ -132,8 +132,10 @@ class Trainer:
         self.args = args
         self.run_dir = run_dir_for(args)
         self.checkpoint = resume_from(self.run_dir, args)
-        self.fabric = check_lightning(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
-                                      strategy=make_strategy(args.strategy, args.model_name), precision=args.precision,
+        lightning = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
+                     "precision": args.precision}
+        check_lightning(quiet=True, strategy=args.strategy, **lightning)  # refusals name the strategy as given
+        self.fabric = check_lightning(strategy=make_strategy(args.strategy, args.model_name), **lightning,
                                       loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
         self.importance_check = check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
         self.fabric.launch()
