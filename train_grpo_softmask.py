@@ -29,6 +29,7 @@ from pipeline.cli import (
 )
 from pipeline.grpo.config import IMPORTANCE_SAMPLING_LEVELS, LR_SCHEDULERS, SCALE_REWARDS
 from pipeline.grpo.is_correction import IS_MODES
+from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
 from pipeline.models import DEFAULT_MODEL
@@ -86,13 +87,24 @@ from pipeline.samplers import ALIASES, SAMPLERS
 @option("devices", type=DEVICES, default="1", help="Lightning devices: a count, auto, -1, or ids like 0,1.")
 @option("num_nodes", type=POSITIVE_INT, default=1)
 @option("strategy", type=STRATEGY, default="auto", help="Fabric strategy: auto, ddp, fsdp, ...")
-@option("precision", type=PRECISION, default="32-true", help="Fabric precision: 32-true, bf16-mixed, ...")
+@option("precision", type=PRECISION, default="32-true", help="Fabric precision; bf16-mixed on GPUs (bf16-true needs --use_peft).")
 @option("out_dir", default="rollout_dump")
 @option("run_name", type=RUN_NAME, default=None)
 @option("resume", is_flag=True, default=False,
         help="Continue from the run's newest checkpoint (with the same defining options: README, stage 3).")
 @option("require_importance_gain", is_flag=True, default=False,
         help="Refuse to start when the importance net's validation gain is not above 0 (its weights are noise).")
+@option("per_device_train_batch_size", type=POSITIVE_INT, default=None,
+        help="Completions per forward/backward; gradients accumulate over the step [default: the whole step].")
+@option("logprob_chunk_size", type=NON_NEGATIVE_INT, default=DEFAULT_CHUNK_SIZE,
+        help="Completion positions per LM-head chunk (0: all positions at once).")
+@option("entropy_every", type=NON_NEGATIVE_INT, default=1, help="Log the policy's entropy every N steps (0: never).")
+@option("gradient_checkpointing", is_flag=True, default=False, help="Recompute activations in backward.")
+@option("use_peft", is_flag=True, default=False, help="Train a LoRA adapter instead of the whole policy.")
+@option("lora_r", type=POSITIVE_INT, default=16)
+@option("lora_alpha", type=POSITIVE_INT, default=32)
+@option("lora_dropout", type=UNIT_INTERVAL, default=0.05)
+@option("lora_target_modules", default=None, help="Comma-separated module names, or all-linear [default: peft's].")
 @option("accelerator", type=ACCELERATOR, default="auto",
         help="Fabric accelerator: auto (CUDA when there), cpu, cuda; the reference, importance and reward models follow.")
 @option("vllm_importance_sampling_correction", type=bool, default=True,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -54,9 +55,15 @@ def assert_same_run(single: Path, double: Path, base_model: Path, steps: int) ->
     assert any(not torch.equal(w1[k], base[k]) for k in w1)
 
 
-def test_two_ranks_match_one_process(tiny_model_dir, tmp_path):
-    single = _run(tiny_model_dir, tmp_path / "one", 1, "auto", *DDP)
-    assert_same_run(single, _run(tiny_model_dir, tmp_path / "two", 2, "ddp", *DDP), tiny_model_dir, steps=2)
+@pytest.fixture(scope="module")
+def ddp_single(tiny_model_dir, tmp_path_factory) -> Path:
+    return _run(tiny_model_dir, tmp_path_factory.mktemp("one"), 1, "auto", *DDP)
+
+
+@pytest.mark.parametrize("extra", [(), ("--per_device_train_batch_size", "3")], ids=["one-batch", "micro-batches"])
+def test_two_ranks_match_one_process(tiny_model_dir, ddp_single, tmp_path, extra):
+    """With micro-batches of 3 (8 completions per rank: 3 + 3 + 2), DDP syncs only the last backward."""
+    assert_same_run(ddp_single, _run(tiny_model_dir, tmp_path, 2, "ddp", *DDP, *extra), tiny_model_dir, steps=2)
 
 
 def test_fsdp_matches_one_process(tiny_model_dir, tmp_path):

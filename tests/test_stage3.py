@@ -21,7 +21,7 @@ from transformers import get_scheduler
 import rewards
 from pipeline import samplers
 from pipeline.dump import tokenizer_fingerprint
-from pipeline.grpo import train
+from pipeline.grpo import microbatch, train
 from pipeline.grpo.config import GRPOArgs
 from pipeline.importance.export import save_export
 from pipeline.importance.model import ImportanceNet, NetConfig
@@ -152,6 +152,8 @@ def test_resume_matches_uninterrupted_run(interrupt, tiny_model_dir, uninterrupt
     (["--sampler", "no_such_sampler"], "no_such_sampler"),
     (["--group_size", "1"], "'--group_size': 1 is not in the range x>=2"),
     (["--softmask", "delta", "--importance_net", "/no/such/export"], "not an importance-net export"),
+    (["--precision", "bf16-true"], "AdamW"),
+    (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size"),
 ])
 def test_bad_input_exits_2_with_one_line(extra, message, tiny_model_dir, tmp_path):
     result = CliRunner().invoke(main, ["--model_name", str(tiny_model_dir), *FAST, "--out_dir", str(tmp_path), *extra])
@@ -185,13 +187,13 @@ def _transformers_lrs(name: str, lr: float, warmup: int, steps: int) -> list[flo
 
 def test_trl_names_lr_schedule_gspo_and_checkpoint_limit(tiny_model_dir, spy_updates, tmp_path, monkeypatch):
     levels = []
-    real_loss = train.compute_policy_loss
+    real_loss = microbatch.compute_policy_loss
 
     def spy_loss(*args, **kwargs):
         levels.append(kwargs["importance_sampling_level"])
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train, "compute_policy_loss", spy_loss)
+    monkeypatch.setattr(microbatch, "compute_policy_loss", spy_loss)
     result = CliRunner().invoke(main, _trl_style(tiny_model_dir, tmp_path), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     run = tmp_path / "arithmetic" / "tiny-llama" / "grpo" / "trl"

@@ -219,6 +219,30 @@ def test_peft_weights_are_merged_and_named_like_the_base_model(tiny_model_dir):
     assert not torch.equal(pushed[q_name], before), "the adapter was merged into the pushed weight"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_syncing_a_lora_policy_leaves_its_frozen_base_untouched(fake_vllm, tiny_model_dir, dtype):
+    """Merging in place and unmerging after drifts the base (and the KL reference) by rounding at every sync."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    before = {name: p.detach().clone() for name, p in peft.named_parameters()}
+    backend = VLLMBackend(str(tiny_model_dir))
+    for _ in range(3):
+        backend.sync_weights(peft)
+    assert all(torch.equal(before[name], p) for name, p in peft.named_parameters())
+    expected = dict(copy.deepcopy(peft).merge_and_unload().named_parameters())
+    pushed = dict(fake_vllm[0].loaded[-len(expected):])
+    assert pushed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(pushed[name], tensor.detach(), rtol=0, atol=0, msg=name)
+    assert not torch.equal(pushed["model.layers.0.self_attn.q_proj.weight"],
+                           before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+
+
 def test_wrapper_prefixes_are_stripped():
     assert checkpoint_name("_fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module.mlp.up_proj.weight") == \
         "model.layers.0.mlp.up_proj.weight"

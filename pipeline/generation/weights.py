@@ -63,7 +63,7 @@ def _fsdp1_units(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, tor
         with FSDP.summon_full_params(module, recurse=False, writeback=False):
             for name, param in module.named_parameters():
                 if id(param) not in nested:
-                    yield checkpoint_name(prefix + name), param
+                    yield prefix + name, param
     for name, child in module.named_children():
         yield from _fsdp1_units(child, f"{prefix}{name}.")
 
@@ -72,29 +72,43 @@ def named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Full tensors under the checkpoint names of the plain HF model, one at a time.
 
     Unwraps Fabric/DDP, gathers FSDP shards (FSDP1 unit by unit; FSDP2: DTensor.full_tensor), and
-    merges PEFT adapters into the base weights for the duration (unmerged afterwards). A tensor is
-    valid until the next one is drawn: copy it, don't keep it.
+    adds LoRA adapters' deltas to their base weights out of place: merging in place and unmerging
+    after would leave the frozen base (and the KL reference, the base with adapters disabled) off by
+    a rounding error that grows with every sync. A tensor is valid until the next one is drawn:
+    copy it, don't keep it.
     """
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.tensor import DTensor
 
     model = unwrap(model)
     inner = hf_module(model)
     fsdp1 = any(isinstance(m, FSDP) for m in model.modules())
+    peft_prefix = inner.prefix if isinstance(inner, PeftModel) else None  # "lora_" for LoRA
+    lora = {f"{name}.base_layer.weight": layer for name, layer in model.named_modules() if isinstance(layer, LoraLayer)}
     with ExitStack() as stack:
-        peft_prefix = inner.prefix if isinstance(inner, PeftModel) else None  # "lora_" for LoRA
-        if peft_prefix is not None:
-            if fsdp1:  # merging needs whole weights: gather the model at once
-                stack.enter_context(FSDP.summon_full_params(model, writeback=False))
-            inner.merge_adapter()
-            stack.callback(inner.unmerge_adapter)
-        params = _fsdp1_units(model) if fsdp1 and peft_prefix is None else model.named_parameters()
+        if fsdp1 and lora:  # a LoRA delta needs its whole base weight and adapter: gather the model at once
+            stack.enter_context(FSDP.summon_full_params(model, writeback=False))
+        params = _fsdp1_units(model) if fsdp1 and not lora else model.named_parameters()
         for name, param in params:
             if peft_prefix is not None and (peft_prefix in name or "original_module" in name):
                 continue  # adapter weights are merged; a modules_to_save copy replaces its original
-            tensor = param.full_tensor() if isinstance(param, DTensor) else param
-            yield checkpoint_name(name), tensor.detach()
+            tensor = (param.full_tensor() if isinstance(param, DTensor) else param).detach()
+            if name in lora:
+                tensor = merged_weight(lora[name], tensor)
+            yield checkpoint_name(name), tensor
+
+
+def merged_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` plus the deltas of the LoRA ``layer``'s active adapters, a new tensor (fp32 sum, weight's dtype)."""
+    if layer.merged or layer.disable_adapters:
+        return weight
+    merged = weight.float()
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            merged = merged + layer.get_delta_weight(adapter).float()
+    return merged.to(weight.dtype)
 
 
 def copy_weights(target: nn.Module, model: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Stage-3 checkpoints and the final ``policy/``, for every Fabric strategy.
+"""Stage-3 checkpoints, for every Fabric strategy.
 
 A checkpoint is ``checkpoints/step-NNNNNN.ckpt``: one file (single process, DDP) or, under FSDP, a
 directory of per-rank shards plus ``meta.pt``. Both are written under a hidden temporary name and
@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from pipeline.generation.weights import drain, hf_module, is_sharded, plain_copy
 
 CKPT_GLOB = "step-*.ckpt"
 KEEP_CHECKPOINTS = 2
@@ -72,18 +70,3 @@ def save_checkpoint(fabric, folder: Path, step: int, state: dict[str, Any], keep
         prune(folder, keep)
     fabric.barrier()
     return path
-
-
-def save_policy(model: torch.nn.Module, tokenizer, path: Path, is_writer: bool) -> None:
-    """``policy/`` as a plain HF directory. Under FSDP all ranks gather; only the writer keeps a copy."""
-    if is_sharded(model):
-        if not is_writer:
-            drain(model)
-            return
-        plain = plain_copy(model, "cpu")
-    elif is_writer:
-        plain = hf_module(model)
-    else:
-        return
-    plain.save_pretrained(path)
-    tokenizer.save_pretrained(path)

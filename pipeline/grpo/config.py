@@ -10,6 +10,8 @@ from typing import Any
 
 from pipeline import samplers
 from pipeline.errors import UserError
+from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
+from pipeline.grpo.policy import check_precision
 
 NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -19,7 +21,9 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # are not part of the default run name. Every other argument defines the run and must match on --resume.
 RESUMABLE_ARGS = ("max_steps", "eval_every", "save_every", "save_total_limit", "logging_steps", "report_to",
                   "devices", "num_nodes", "strategy", "batch_size", "backend", "tensor_parallel_size",
-                  "gpu_memory_utilization", "max_model_len", "dtype", "require_importance_gain", "accelerator")
+                  "gpu_memory_utilization", "max_model_len", "dtype", "require_importance_gain",
+                  "per_device_train_batch_size", "logprob_chunk_size", "entropy_every", "gradient_checkpointing",
+                  "accelerator")
 LOCATION_ARGS = ("out_dir", "run_name", "resume")
 
 
@@ -79,6 +83,15 @@ class GRPOArgs:
     run_name: str | None = None
     resume: bool = False
     require_importance_gain: bool = False
+    per_device_train_batch_size: int | None = None  # completions per forward/backward (None: the whole step)
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # completion positions per LM-head chunk (0: all at once)
+    entropy_every: int = 1  # log the policy's entropy every N steps (0: never)
+    gradient_checkpointing: bool = False
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str | None = None  # comma-separated, or all-linear (default: peft's for the model)
     accelerator: str = "auto"  # Fabric's: auto (CUDA when there), cpu, cuda/gpu; every model of the run follows it
     vllm_importance_sampling_correction: bool = True  # TRL 1.16's names and defaults; vLLM backend only
     vllm_importance_sampling_mode: str = "sequence_mask"
@@ -129,3 +142,4 @@ def validate(args: GRPOArgs) -> None:
         samplers.check_params(args.sampler, args.sampler_params)
     except ValueError as err:
         raise UserError(f"--sampler {args.sampler}: {err}") from err
+    check_precision(args.precision, args.use_peft)

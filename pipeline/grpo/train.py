@@ -29,32 +29,30 @@ from pipeline.generation import SamplingParams
 from pipeline.generation.select import make_backend, resolve_backend
 from pipeline.generation.vllm import VLLMOptions
 from pipeline.grpo.advantages import group_advantages, zero_std_fraction
-from pipeline.grpo.checkpoints import (
-    latest_checkpoint,
-    rng_state,
-    save_checkpoint,
-    save_policy,
-    set_rng_state,
-)
+from pipeline.grpo.checkpoints import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.grpo.config import NEEDS_IMPORTANCE, RESUMABLE_ARGS, GRPOArgs, changed_on_resume, validate
 from pipeline.grpo.distributed import gather_objects, global_token_metrics, interleave_groups, reduce_metrics
 from pipeline.grpo.evaluation import evaluate
 from pipeline.grpo.fsdp import make_strategy
 from pipeline.grpo.importance_guard import check_importance_gain
-from pipeline.grpo.is_correction import (
-    correction_metrics,
-    importance_sampling_ratio,
-    sampling_logprobs,
-    with_ratio,
+from pipeline.grpo.is_correction import correction_metrics, importance_sampling_ratio, sampling_logprobs
+from pipeline.grpo.losses import mask_truncated_completions
+from pipeline.grpo.microbatch import PolicyBatch, accumulate, score
+from pipeline.grpo.policy import (
+    build_optimizer,
+    build_policy,
+    build_reference,
+    checkpoint_entry,
+    reference_model,
+    save_policy,
+    setup,
 )
-from pipeline.grpo.logprobs import completion_logprobs
-from pipeline.grpo.losses import compute_policy_loss, mask_truncated_completions
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
 from pipeline.grpo.reporting import RunTable, refresh_plots, window_mean
 from pipeline.grpo.rollout import Experience, collect
 from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights
 from pipeline.hybrid_reward import check_hybrid_args, prepare_hybrid
-from pipeline.models import load_causal_lm, load_tokenizer, model_slug
+from pipeline.models import load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
 from pipeline.scoring import check_reward_arguments, parse_reward_weights
 from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_dataset, task_slug
@@ -158,11 +156,11 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"--sampler {args.sampler}: {err}") from err
         torch.manual_seed(args.seed)
-        self.policy = load_causal_lm(args.model_name)
-        self.reference = load_causal_lm(args.model_name).eval().requires_grad_(False) if args.beta else None
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.policy = build_policy(args)
+        self.reference = build_reference(args)  # None with LoRA: the policy with adapters disabled
+        optimizer = build_optimizer(self.policy, args)
         self.scheduler = make_scheduler(args, optimizer)
-        self.model, self.optimizer = self.fabric.setup(self.policy, optimizer)
+        self.model, self.optimizer = setup(self.fabric, self.policy, optimizer)
         if self.reference is not None:
             self.reference = self.fabric.to_device(self.reference)
         if self.importance is not None:
@@ -182,8 +180,9 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        return {"policy": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(), "rng": rng_state(), "step": self.step,
+        return {"policy": checkpoint_entry(self.model, self.args.use_peft), "optimizer": self.optimizer,
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng_state(),
+                "step": self.step,
                 "args": asdict(self.args)}
 
     def save(self) -> Path:
@@ -232,8 +231,9 @@ class Trainer:
     def _weights(self, exp: Experience, mask: torch.Tensor, entropies: torch.Tensor | None) -> torch.Tensor:
         f = None
         if self.importance is not None:
-            f = self.importance.score_padded(exp.prompt_ids, [c.token_ids for c in exp.completions],
-                                             width=exp.completion_len).to(mask.device)
+            with self.fabric.autocast():
+                f = self.importance.score_padded(exp.prompt_ids, [c.token_ids for c in exp.completions],
+                                                 width=exp.completion_len).to(mask.device)
         return soft_mask_weights(self.args.softmask, mask, self.args.softmask_strength, f=f,
                                  entropies=entropies, entropy_quantile=self.args.entropy_quantile)
 
@@ -263,39 +263,42 @@ class Trainer:
         if args.mask_truncated_completions:
             mask = mask_truncated_completions(mask, exp.truncated.to(fabric.device))
         num_items = fabric.all_reduce(mask.sum(), reduce_op="sum") / fabric.world_size
-        old_logps = ref_logps = is_ratio = None
+        batch = PolicyBatch(input_ids, attention, mask, advantages)
+        size, chunk = args.per_device_train_batch_size, args.logprob_chunk_size
         sampled = self._sampled_logprobs(exp)
-        with torch.no_grad():
-            if args.num_iterations > 1 or sampled is not None:
-                old_logps, _ = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
-                                                   args.temperature)
-            if self.reference is not None:
-                ref_logps, _ = completion_logprobs(self.reference, input_ids, attention, exp.completion_len,
-                                                   args.temperature)
+        if args.num_iterations > 1 or sampled is not None:
+            batch.old_logps, _ = score(self.model, batch, size, args.temperature, chunk_size=chunk)
         if sampled is not None:
-            is_ratio = importance_sampling_ratio(old_logps, sampled, mask, args.vllm_importance_sampling_mode,
-                                                 args.vllm_importance_sampling_clip_min,
-                                                 args.vllm_importance_sampling_clip_max)
-        weights = None if args.softmask in NEEDS_ENTROPY else self._weights(exp, mask, None)
+            batch.is_ratio = importance_sampling_ratio(batch.old_logps, sampled, mask,
+                                                       args.vllm_importance_sampling_mode,
+                                                       args.vllm_importance_sampling_clip_min,
+                                                       args.vllm_importance_sampling_clip_max)
+        if args.beta:
+            with reference_model(self.model, self.reference) as reference, fabric.autocast():
+                batch.ref_logps, _ = score(reference, batch, size, args.temperature, chunk_size=chunk)
+
+        def entropy_mask(entropies: torch.Tensor) -> torch.Tensor:
+            return self._weights(exp, mask, entropies)
+
+        if args.softmask not in NEEDS_ENTROPY:
+            batch.weights = self._weights(exp, mask, None)
+        log_entropy = args.entropy_every > 0 and (self.step + 1) % args.entropy_every == 0
+        loss_options = {"beta": args.beta, "epsilon_low": args.epsilon, "epsilon_high": args.epsilon_high,
+                        "importance_sampling_level": args.importance_sampling_level,
+                        "max_completion_length": args.max_new_tokens, "num_items_in_batch": num_items}
         for _ in range(args.num_iterations):
-            logps, entropies = completion_logprobs(self.model, input_ids, attention, exp.completion_len,
-                                                   args.temperature, with_entropy=True)
-            if args.softmask in NEEDS_ENTROPY:
-                weights = self._weights(exp, mask, entropies)
-            loss, loss_metrics = compute_policy_loss(
-                args.loss_type, logps, old_logps, advantages, mask, with_ratio(weights, is_ratio),
-                ref_logps=ref_logps, beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
-                importance_sampling_level=args.importance_sampling_level, max_completion_length=args.max_new_tokens,
-                num_items_in_batch=num_items)
-            fabric.backward(loss)
+            result = accumulate(fabric, self.model, batch, args.loss_type, loss_options, size, args.temperature,
+                                with_entropy=log_entropy, chunk_size=chunk,
+                                weights_from_entropies=entropy_mask if args.softmask in NEEDS_ENTROPY else None)
             grad_norm = fabric.clip_gradients(self.model, self.optimizer, max_norm=args.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        weights, entropies = result.weights, result.entropies
         self.scheduler.step()
         self.backend.sync_weights(self.model)
-        logged = {"loss": loss.detach(), **loss_metrics}  # global values: this rank's shard averaged over ranks
-        if is_ratio is not None:
-            logged.update(correction_metrics(old_logps, sampled, mask, is_ratio))
+        logged = {"loss": result.loss, **result.metrics}  # global values: this rank's shard averaged over ranks
+        if sampled is not None:
+            logged.update(correction_metrics(batch.old_logps, sampled, mask, batch.is_ratio))
         logged = reduce_metrics(fabric, logged)
         per_prompt = np.nanmean(all_rewards.reshape(-1, args.group_size), axis=1)
         scored = np.isfinite(per_prompt)  # a prompt none of whose completions got a reward teaches nothing
