@@ -143,3 +143,6 @@ def validate(args: GRPOArgs) -> None:
     except ValueError as err:
         raise UserError(f"--sampler {args.sampler}: {err}") from err
     check_precision(args.precision, args.use_peft)
+    if args.use_peft and "fsdp" in args.strategy:
+        raise UserError("--use_peft with --strategy fsdp is not supported (LoRA checkpoints hold the adapter only, "
+                        "which FSDP's sharded save does not): use --strategy ddp, LoRA's trainable state is small")
