@@ -48,6 +48,7 @@ from pipeline.models import DEFAULT_MODEL
 @option("num_shards", type=POSITIVE_INT, default=1)
 @option("overwrite", is_flag=True, default=False,
         help="Replace an existing dump with the same name: the new one is built aside and swapped in when complete.")
+@option("device", default="auto", help="Where the hf backend and the reward model run: auto, cpu, cuda, cuda:N.")
 @run_stage
 def main(**kwargs) -> None:
     """Generate G/2 pairs per group of rollouts that share a prefix of t tokens, with rewards."""

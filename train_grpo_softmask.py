@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.cli import (
+    ACCELERATOR,
     DEVICES,
     FRACTION,
     LEVELS,
@@ -28,6 +29,7 @@ from pipeline.cli import (
     stage_command,
 )
 from pipeline.grpo.config import IMPORTANCE_SAMPLING_LEVELS, IMPORTANCE_SOURCES, LR_SCHEDULERS, SCALE_REWARDS
+from pipeline.grpo.is_correction import IS_MODES
 from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
 from pipeline.grpo.losses import POLICY_LOSSES
 from pipeline.grpo.softmask import SOFTMASKS
@@ -119,6 +121,13 @@ from pipeline.samplers import ALIASES, SAMPLERS
         help="online: share of prompts whose pairs only judge the head against the constant f.")
 @option("online_likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default="auto",
         help="online: the pair loss, as stage 2's --likelihood (auto: bernoulli for 0/1 rewards, else gaussian).")
+@option("accelerator", type=ACCELERATOR, default="auto",
+        help="Fabric accelerator: auto (CUDA when there), cpu, cuda; the reference, importance and reward models follow.")
+@option("vllm_importance_sampling_correction", type=bool, default=True,
+        help="Correct vLLM's sampling/training mismatch with its sampled-token log-probs (TRL 1.16).")
+@option("vllm_importance_sampling_mode", type=click.Choice(IS_MODES), default="sequence_mask")
+@option("vllm_importance_sampling_clip_min", type=NON_NEGATIVE_FLOAT, default=None, help="Lower bound C_min of the ratio.")
+@option("vllm_importance_sampling_clip_max", type=POSITIVE_FLOAT, default=3.0, help="Upper bound C_max of the ratio.")
 @run_stage
 def main(**kwargs) -> None:
     """GRPO with per-token weights from the importance network, prompts drawn by a curriculum sampler."""

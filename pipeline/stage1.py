@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
 from pipeline.generation.select import resolve_backend
 from pipeline.hybrid_reward import check_hybrid_args, prepare_hybrid
-from pipeline.models import load_tokenizer, model_slug
+from pipeline.models import load_tokenizer, model_slug, resolve_device
 from pipeline.prompting import render_prompt
 from pipeline.rollouts import PairingConfig, Prompt, generated_token_count, sample_pairs, to_frame, to_table
 from pipeline.scoring import check_reward_arguments, parse_reward_weights, summarize_batches
@@ -62,6 +62,7 @@ class Stage1Args:
     shard_index: int = 0
     num_shards: int = 1
     overwrite: bool = False
+    device: str = "auto"  # the hf backend's model and the hybrid reward model (vLLM places itself)
 
     def identity(self) -> dict[str, Any]:
         """The arguments that decide the dump's content: same identity -> same directory -> resume."""
@@ -147,13 +148,13 @@ def _build_prompts(args: Stage1Args, tokenizer) -> list[Prompt]:
     return prompts
 
 
-def _make_backend(args: Stage1Args, tokenizer):
+def _make_backend(args: Stage1Args, tokenizer, device):
     from pipeline.generation.select import make_backend
     from pipeline.generation.vllm import VLLMOptions
 
     options = VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization, args.max_model_len, args.dtype)
     return make_backend(args.backend, args.model_name, tokenizer, batch_size=args.batch_size, seed=args.seed,
-                        vllm=options)
+                        vllm=options, device=device)
 
 
 def _metadata_name(args: Stage1Args) -> str:
@@ -188,6 +189,8 @@ def run(args: Stage1Args) -> Path:
     args.rewards = parse_reward_weights(args.rewards or None, default_rewards(args.task_name))
     check_hybrid_args(args.rewards, args.reward_model)
     args.backend = resolve_backend(args.backend)  # the metadata records which one ran
+    device = resolve_device(args.device)
+    args.device = str(device)  # the metadata records where it ran
     path = dump_dir(args)
     artifacts.check_writable(path)
     tokenizer = load_tokenizer(args.model_name)
@@ -211,7 +214,7 @@ def run(args: Stage1Args) -> Path:
             publish(work, path, len(chunks))
         print_summary(path, metadata)
         return path
-    backend = functools.cache(lambda: _make_backend(args, tokenizer))
+    backend = functools.cache(lambda: _make_backend(args, tokenizer, device))
     if todo:
         backend()  # the model loads before anything is written
     if args.overwrite and not resuming and work.exists():
@@ -219,7 +222,7 @@ def run(args: Stage1Args) -> Path:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
     hybrid = prepare_hybrid(args.rewards, args.reward_model, work / "hybrid_calibration.json", backend, tokenizer,
                             [(p.text, p.token_ids) for p in prompts], [p.row["question"] for p in prompts],
-                            args.rm_calibration_prompts, params, args.seed) if todo else None
+                            args.rm_calibration_prompts, params, args.seed, device=device) if todo else None
     artifacts.ensure_writable_dir(work)
     if not resuming:
         artifacts.write_json(work / CONFIG_FILE, args.identity())

@@ -327,6 +327,7 @@ STAGE3 = [
     case("stage3", "--devices 0,1", r"Lightning refuses .*--devices 0,1", NEEDS_CPU_ONLY),
     case("stage3", "--strategy dpp", r"'--strategy': 'dpp' is not a Lightning strategy: choose from auto, ddp"),
     case("stage3", "--strategy fsdp", r"Lightning refuses .*--strategy fsdp.*only available on GPU", NEEDS_CPU_ONLY),
+    case("stage3", "--use_peft --strategy fsdp", r"--use_peft with --strategy fsdp is not supported"),
     case("stage3", "--strategy deepspeed", r"Lightning refuses .*DeepSpeed", NO_DEEPSPEED),
     case("stage3", "--precision 17", r"'--precision': '17' is not a Lightning precision"),
     case("stage3", "--num_nodes 0", rf"'--num_nodes': 0 {RANGE}"),

@@ -23,7 +23,8 @@ IMPORTANCE_SOURCES = ("offline", "online")
 RESUMABLE_ARGS = ("max_steps", "eval_every", "save_every", "save_total_limit", "logging_steps", "report_to",
                   "devices", "num_nodes", "strategy", "batch_size", "backend", "tensor_parallel_size",
                   "gpu_memory_utilization", "max_model_len", "dtype", "require_importance_gain",
-                  "per_device_train_batch_size", "logprob_chunk_size", "entropy_every", "gradient_checkpointing")
+                  "per_device_train_batch_size", "logprob_chunk_size", "entropy_every", "gradient_checkpointing",
+                  "accelerator")
 LOCATION_ARGS = ("out_dir", "run_name", "resume")
 
 
@@ -100,6 +101,11 @@ class GRPOArgs:
     online_state_l2: float = 0.1
     online_heldout_fraction: float = 0.2
     online_likelihood: str = "auto"
+    accelerator: str = "auto"  # Fabric's: auto (CUDA when there), cpu, cuda/gpu; every model of the run follows it
+    vllm_importance_sampling_correction: bool = True  # TRL 1.16's names and defaults; vLLM backend only
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
@@ -136,11 +142,21 @@ def validate(args: GRPOArgs) -> None:
                         "--warmup_steps/--warmup_ratio")
     if args.warmup() > args.max_steps:
         raise UserError(f"{args.warmup()} warm-up steps exceed --max_steps {args.max_steps}: lower the warm-up")
+    if args.tensor_parallel_size != 1:
+        raise UserError("--tensor_parallel_size > 1 is for stage 1 only: stage 3 pushes the policy into one engine "
+                        "per training process; use --tensor_parallel_size 1 (more GPUs: --devices)")
+    low, high = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
+    if None not in (low, high) and low > high:
+        raise UserError(f"--vllm_importance_sampling_clip_min {low} exceeds --vllm_importance_sampling_clip_max "
+                        f"{high}: give a range")
     try:
         samplers.check_params(args.sampler, args.sampler_params)
     except ValueError as err:
         raise UserError(f"--sampler {args.sampler}: {err}") from err
     check_precision(args.precision, args.use_peft)
+    if args.use_peft and "fsdp" in args.strategy:
+        raise UserError("--use_peft with --strategy fsdp is not supported (LoRA checkpoints hold the adapter only, "
+                        "which FSDP's sharded save does not): use --strategy ddp, LoRA's trainable state is small")
 
 
 def _validate_online(args: GRPOArgs) -> None:

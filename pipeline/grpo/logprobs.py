@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.grpo.policy import unwrap
+from pipeline.generation.weights import hf_module
 
 DEFAULT_CHUNK_SIZE = 512  # completion positions per head chunk: 512 x 151,936 fp32 logits = 311 MB
 POST_HEAD_SCALING = ("final_logit_softcapping", "logit_scale")  # configs whose logits change after the head
@@ -77,7 +77,7 @@ class ChunkedHead:
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module:
     """The LM head inside Fabric's, DDP's and PEFT's wrappers."""
-    inner = unwrap(model)
+    inner = hf_module(model)
     config = getattr(inner, "config", None)
     for name in POST_HEAD_SCALING:
         if getattr(config, name, None) is not None:

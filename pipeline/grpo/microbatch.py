@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.grpo.is_correction import with_ratio
 from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE, completion_logprobs, completion_outputs
 from pipeline.grpo.losses import (
     POLICY_LOSSES,
@@ -41,6 +42,7 @@ class PolicyBatch:
     old_logps: Tensor | None = None  # (B, T), num_iterations > 1
     ref_logps: Tensor | None = None  # (B, T), beta > 0
     weights: Tensor | None = None  # (B, T) soft-mask weights
+    is_ratio: Tensor | None = None  # (B, T) or (B, 1): vLLM sampler/trainer correction (pipeline.grpo.is_correction)
 
     def __len__(self) -> int:
         return self.input_ids.size(0)
@@ -151,7 +153,8 @@ def accumulate(fabric: Any, model: torch.nn.Module, batch: PolicyBatch, loss_typ
                 part = replace(part, weights=weights_from_states(states, rows))
                 part_weights.append(part.weights)
             part_loss, part_metrics = compute_policy_loss(
-                loss_type, logps, part.old_logps, part.advantages, part.completion_mask, part.weights,
+                loss_type, logps, part.old_logps, part.advantages, part.completion_mask,
+                with_ratio(part.weights, part.is_ratio),
                 ref_logps=part.ref_logps, **loss_options)
             share = loss_share(loss_type, mask, rows)
             fabric.backward(part_loss * share)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.generation.weights import drain, hf_module, is_sharded, named_weights, plain_copy
 from pipeline.models import load_causal_lm
 
 if TYPE_CHECKING:
@@ -79,19 +80,13 @@ def build_reference(args: GRPOArgs) -> nn.Module | None:
     return load_causal_lm(args.model_name).eval().requires_grad_(False)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The HF or peft model inside Fabric's and DDP's wrappers."""
-    inner = getattr(model, "_forward_module", model)
-    return getattr(inner, "module", inner)
-
-
 @contextmanager
 def reference_model(model: nn.Module, reference: nn.Module | None) -> Iterator[nn.Module]:
     """The module whose log-probs are the KL's reference: the separate copy, or the policy with adapters off."""
     if reference is not None:
         yield reference
         return
-    with unwrap(model).disable_adapter():
+    with hf_module(model).disable_adapter():
         yield model
 
 
@@ -123,7 +118,7 @@ class AdapterWeights:
     """What a LoRA run checkpoints of its policy: the trainable tensors (the frozen base is on disk already)."""
 
     def __init__(self, model: nn.Module):
-        self.model = unwrap(model)
+        self.model = hf_module(model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
@@ -144,14 +139,22 @@ def checkpoint_entry(model: nn.Module, use_peft: bool) -> Any:
     return AdapterWeights(model) if use_peft else model
 
 
-def save_policy(policy: nn.Module, tokenizer: Any, folder: Path) -> None:
-    """An HF model directory every stage can load; a LoRA policy also leaves its adapter in ``adapter/``."""
+def save_policy(model: nn.Module, tokenizer: Any, folder: Path, is_writer: bool = True) -> None:
+    """An HF model directory every stage can load; a LoRA policy also leaves its adapter in ``adapter/``.
+
+    Under FSDP every rank takes part in gathering the weights and only the writer keeps them (a
+    LoRA policy under FSDP writes the merged model, without ``adapter/``).
+    """
     from peft import PeftModel
 
-    from pipeline.generation.vllm import named_weights
-
-    policy = unwrap(policy)
-    if isinstance(policy, PeftModel):
+    if not is_writer:
+        if is_sharded(model):
+            drain(model)
+        return
+    policy = hf_module(model)
+    if is_sharded(model):
+        plain_copy(model, "cpu").save_pretrained(folder)
+    elif isinstance(policy, PeftModel):
         policy.save_pretrained(folder / "adapter")
         merged = {name: tensor.clone() for name, tensor in named_weights(policy)}
         policy.get_base_model().save_pretrained(folder, state_dict=merged)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import sys
 import time
 from dataclasses import asdict
@@ -31,9 +30,13 @@ from pipeline.generation.select import make_backend, resolve_backend
 from pipeline.generation.vllm import VLLMOptions
 from pipeline.grpo import online_importance
 from pipeline.grpo.advantages import group_advantages, zero_std_fraction
+from pipeline.grpo.checkpoints import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.grpo.config import NEEDS_IMPORTANCE, RESUMABLE_ARGS, GRPOArgs, changed_on_resume, validate
+from pipeline.grpo.distributed import gather_objects, global_token_metrics, interleave_groups, reduce_metrics
 from pipeline.grpo.evaluation import evaluate
+from pipeline.grpo.fsdp import make_strategy
 from pipeline.grpo.importance_guard import check_importance_gain
+from pipeline.grpo.is_correction import correction_metrics, importance_sampling_ratio, sampling_logprobs
 from pipeline.grpo.losses import mask_truncated_completions
 from pipeline.grpo.microbatch import PolicyBatch, accumulate, score
 from pipeline.grpo.paired_rollout import collect_pairs
@@ -49,7 +52,7 @@ from pipeline.grpo.policy import (
 from pipeline.grpo.preemption import PreemptionFlag, requeue_slurm_job
 from pipeline.grpo.reporting import RunTable, refresh_plots, window_mean
 from pipeline.grpo.rollout import Experience, collect
-from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights, weight_stats
+from pipeline.grpo.softmask import NEEDS_ENTROPY, soft_mask_weights
 from pipeline.hybrid_reward import check_hybrid_args, prepare_hybrid
 from pipeline.models import load_tokenizer, model_slug
 from pipeline.prompting import render_prompt
@@ -58,17 +61,11 @@ from pipeline.tasks import HELDOUT_LEVEL, build_rows, default_rewards, is_user_d
 from pipeline.trackers import make_loggers, numeric_only
 
 log = logging.getLogger(__name__)
-CKPT_GLOB = "step-*.ckpt"
 
 
 def run_dir_for(args: GRPOArgs) -> Path:
     name = args.run_name or f"{args.softmask}_{args.sampler}_{args.identity()}"
     return artifacts.stage_dir(args.out_dir, task_slug(args.task_name), model_slug(args.model_name)) / "grpo" / name
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob(CKPT_GLOB))
-    return found[-1] if found else None
 
 
 def checkpoint_args(path: Path) -> dict[str, Any]:
@@ -124,20 +121,6 @@ def _load_importance(args: GRPOArgs, tokenizer):
     return scorer
 
 
-def _rng_state() -> dict[str, Any]:
-    """Plain tensors, lists and ints only: checkpoints load with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-
-
 class Trainer:
     """Holds the run's objects; ``fit`` is the loop, each phase a short method."""
 
@@ -149,8 +132,10 @@ class Trainer:
         self.args = args
         self.run_dir = run_dir_for(args)
         self.checkpoint = resume_from(self.run_dir, args)
-        self.fabric = check_lightning(accelerator="auto", devices=args.devices, num_nodes=args.num_nodes,
-                                      strategy=args.strategy, precision=args.precision,
+        lightning = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
+                     "precision": args.precision}
+        check_lightning(quiet=True, strategy=args.strategy, **lightning)  # refusals name the strategy as given
+        self.fabric = check_lightning(strategy=make_strategy(args.strategy, args.model_name), **lightning,
                                       loggers=make_loggers(args.report_to, self.run_dir, self.run_dir.name))
         self.importance_check = (check_importance_gain(args.softmask, args.importance_net, args.require_importance_gain)
                                  if args.importance == "offline" else None)  # online: judged during the run
@@ -187,50 +172,47 @@ class Trainer:
         if args.importance == "online":
             self.online = online_importance.from_args(args, self.policy.config.hidden_size, self.tokenizer,
                                                       self.fabric.device)
-        self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.policy,
+        self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.model,
                                     batch_size=args.batch_size, seed=args.seed,
                                     vllm=VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization,
-                                                     args.max_model_len, args.dtype))
+                                                     args.max_model_len, args.dtype), device=self.fabric.device)
         self.params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
         self.step = 0
         self.hybrid = prepare_hybrid(args.rewards, args.reward_model, self.run_dir / "hybrid_calibration.json",
                                      lambda: self.backend, self.tokenizer, self.prompts,
                                      [row["question"] for row in self.rows], args.rm_calibration_prompts,
-                                     self.params, args.seed)
+                                     self.params, args.seed, device=self.fabric.device,
+                                     rank=self.fabric.global_rank, world_size=self.fabric.world_size,
+                                     gather=lambda obj: gather_objects(self.fabric, obj))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         state = {"policy": checkpoint_entry(self.model, self.args.use_peft), "optimizer": self.optimizer,
-                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "rng": _rng_state(),
+                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng_state(),
                  "step": self.step, "args": asdict(self.args)}
         if self.online is not None:
             state["online"] = self.online  # the head, its optimizer, the pair buffer, the fallback switch
         return state
 
     def save(self) -> Path:
-        folder = self.run_dir / "checkpoints"
-        path = folder / f"step-{self.step:06d}.ckpt"
-        tmp = folder / f".{path.name}.tmp"
-        self.fabric.save(tmp, self._state())
-        self.fabric.barrier()
-        if self.fabric.is_global_zero:
-            for table in self.tables.values():  # first: a checkpoint never lacks the rows up to its step
-                table.flush()
-            tmp.replace(path)
-            for old in sorted(folder.glob(CKPT_GLOB))[:-self.args.save_total_limit]:
-                old.unlink()
-            for logger in self.fabric.loggers:
-                logger.save()
-        self.fabric.barrier()
-        return path
+        return save_checkpoint(self.fabric, self.run_dir / "checkpoints", self.step, self._state(),
+                               self.args.save_total_limit, before_publish=self._flush_tables)
+
+    def _flush_tables(self) -> None:
+        """Rank 0, before a checkpoint appears: a checkpoint never lacks the rows up to its step."""
+        for table in self.tables.values():
+            table.flush()
+        for logger in self.fabric.loggers:
+            logger.save()
 
     def restore(self, path: Path) -> None:
         state = self._state()
         self.fabric.load(path, state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step = state["step"]
+        self.backend.sync_weights(self.model)  # the engine was built from the base weights
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -264,6 +246,13 @@ class Trainer:
         return soft_mask_weights(self.args.softmask, mask, self.args.softmask_strength, f=f,
                                  entropies=entropies, entropy_quantile=self.args.entropy_quantile)
 
+    def _sampled_logprobs(self, exp: Experience) -> torch.Tensor | None:
+        """vLLM's log-probs of its own samples when the correction is on (the hf backend samples the policy: None)."""
+        if not self.args.vllm_importance_sampling_correction:
+            return None
+        sampled = sampling_logprobs(exp.completions, exp.completion_len)
+        return None if sampled is None else sampled.to(self.fabric.device)
+
     def training_step(self, indices: list[int]) -> dict[str, Any]:
         args, fabric = self.args, self.fabric
         mine = self._my_share(indices)
@@ -287,8 +276,14 @@ class Trainer:
         num_items = fabric.all_reduce(mask.sum(), reduce_op="sum") / fabric.world_size
         batch = PolicyBatch(input_ids, attention, mask, advantages)
         size, chunk = args.per_device_train_batch_size, args.logprob_chunk_size
-        if args.num_iterations > 1:
+        sampled = self._sampled_logprobs(exp)
+        if args.num_iterations > 1 or sampled is not None:
             batch.old_logps, _ = score(self.model, batch, size, args.temperature, chunk_size=chunk)
+        if sampled is not None:
+            batch.is_ratio = importance_sampling_ratio(batch.old_logps, sampled, mask,
+                                                       args.vllm_importance_sampling_mode,
+                                                       args.vllm_importance_sampling_clip_min,
+                                                       args.vllm_importance_sampling_clip_max)
         if args.beta:
             with reference_model(self.model, self.reference) as reference, fabric.autocast():
                 batch.ref_logps, _ = score(reference, batch, size, args.temperature, chunk_size=chunk)
@@ -318,9 +313,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         weights, entropies = result.weights, result.entropies
         self.scheduler.step()
-        self.backend.sync_weights(self.policy)
+        self.backend.sync_weights(self.model)
         logged = {"loss": result.loss, **result.metrics}  # global values: this rank's shard averaged over ranks
-        logged = {k: float(fabric.all_reduce(v, reduce_op="mean")) for k, v in logged.items()}
+        if sampled is not None:
+            logged.update(correction_metrics(batch.old_logps, sampled, mask, batch.is_ratio))
+        logged = reduce_metrics(fabric, logged)
         online_metrics = {} if self.online is None else self.online.end_step(
             self.step + 1, [self.rows[i]["prompt_id"] for i in mine for _ in range(args.group_size)], exp.rewards,
             pairing, mask, None if fabric.world_size == 1 else lambda t: fabric.all_gather(t).flatten(0, 1))
@@ -336,7 +333,6 @@ class Trainer:
             "reward_std": float(np.nanstd(all_rewards)),
             "frac_zero_std_groups": zero_std_fraction(torch.as_tensor(all_rewards), args.group_size),
             "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-            "entropy": float("nan") if entropies is None else float((entropies * mask).sum() / mask.sum().clamp(min=1)),
             "completion_len": float(exp.completion_mask.sum(1).mean()),
             "truncated_frac": float(exp.truncated.float().mean()),
             "tokens_per_s": float(exp.completion_mask.sum() / t_gen), "step_time_s": elapsed,
@@ -344,7 +340,8 @@ class Trainer:
             **{f"reward_mean/level_{lv}": float(np.nanmean(all_rewards[levels == lv])) for lv in sorted(set(levels))},
             **{f"reward/{name}": float(np.nanmean(v)) for name, v in exp.per_function.items()},
             **logged,
-            **{f"weights/{k}": v for k, v in weight_stats(weights, mask).items()}, **online_metrics,
+            **global_token_metrics(fabric, mask, entropies, weights),  # entropy, weights/*
+            **online_metrics,
             **{f"sampler/{k}": float(v) for k, v in self.sampler.probabilities().items()},
         }
         samples = [{**{column: values[i] for column, values in exp.reward_extra.items() if len(values) == len(exp.texts)},
@@ -354,11 +351,13 @@ class Trainer:
                     "reward": float(exp.rewards[i]), "advantage": float(advantages[i]),
                     **{f"reward_{n}": float(v[i]) for n, v in exp.per_function.items()}}
                    for i in range(len(exp.texts))]
-        return {"metrics": metrics, "samples": samples}
+        return {"metrics": metrics, "samples": interleave_groups(gather_objects(fabric, samples), args.group_size)}
 
     # ---- the loop ----------------------------------------------------------------------------
     def _evaluate(self) -> None:
-        rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens)
+        fabric = self.fabric
+        rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens,
+                        fabric.global_rank, fabric.world_size, gather=lambda obj: gather_objects(fabric, obj))
         self.tables["eval"].extend([{"step": self.step, **row} for row in rows])
         self.fabric.log_dict({f"eval/{key}/level_{row['level']}": row[key] for row in rows
                               for key in ("accuracy", "mean_length")}, step=self.step)
@@ -408,20 +407,18 @@ class Trainer:
             if stop.item() > 0:
                 path = self.save()
                 log.info("signal %s: saved %s at step %d; requeueing", preempted.received, path, self.step)
-                if fabric.is_global_zero:
-                    requeue_slurm_job()
-                sys.exit(0)
+                code = requeue_slurm_job() if fabric.is_global_zero else 0
+                sys.exit(fabric.broadcast(code))
         return self.finish(started, time.perf_counter() - t0)
 
     def finish(self, started: str, runtime: float) -> Path:
+        save_policy(self.model, self.tokenizer, self.run_dir / "policy", self.fabric.is_global_zero)
         if not self.fabric.is_global_zero:
             return self.run_dir
         metrics, evals = self.tables["metrics"].frame(), self.tables["eval"].frame()
         for table in self.tables.values():
             table.flush()
         refresh_plots(metrics, evals, self.run_dir)
-        policy_dir = self.run_dir / "policy"
-        save_policy(self.policy, self.tokenizer, policy_dir)
         final_eval = evals[evals["step"] == evals["step"].max()] if not evals.empty else evals
         metadata = {"arguments": asdict(self.args), "run_dir": str(self.run_dir), "started": started,
                     "finished": artifacts.now_iso(), "runtime_s_this_process": round(runtime, 2),
