@@ -91,7 +91,7 @@ def sample_pairs(backend: GenerationBackend, prompts: Sequence[Prompt], params: 
                      seeds_b[i]) for i in live], params)
         sisters_b = list(sisters_a)
         for i, cont in zip(live, continuations, strict=True):
-            sisters_b[i] = Completion(sisters_a[i].token_ids[:splits[i]] + cont.token_ids, cont.finish_reason)
+            sisters_b[i] = joined(sisters_a[i], splits[i], cont)
 
     records = []
     for i, (prompt, group_id, k) in enumerate(slots):
@@ -103,6 +103,14 @@ def sample_pairs(backend: GenerationBackend, prompts: Sequence[Prompt], params: 
                 "completion": completion,
             })
     return records
+
+
+def joined(sister_a: Completion, split: int, continuation: Completion) -> Completion:
+    """Sister B: A's first ``split`` tokens, then its continuation; the engine's sampled-token log-probs
+    (the IS correction's) are A's for the shared prefix, kept only when both sides have them."""
+    logprobs = (None if sister_a.logprobs is None or continuation.logprobs is None
+                else sister_a.logprobs[:split] + continuation.logprobs)
+    return Completion(sister_a.token_ids[:split] + continuation.token_ids, continuation.finish_reason, logprobs)
 
 
 def group_statistics(frame: pd.DataFrame, column: str) -> tuple[pd.Series, pd.Series]:

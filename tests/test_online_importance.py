@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import rewards
-from pipeline.generation import HFBackend, Request, SamplingParams
+from pipeline.generation import Completion, HFBackend, Request, SamplingParams
 from pipeline.grpo.logprobs import completion_logprobs, completion_outputs, position_ids_for
 from pipeline.grpo.microbatch import PolicyBatch, accumulate
 from pipeline.grpo.online_importance import (
@@ -76,6 +76,27 @@ def test_fixed_split_limit_takes_the_one_pass_path_with_the_same_splits(backend)
     assert [r["split_token_idx"] for r in one_pass] == [r["split_token_idx"] for r in two_rounds]
     assert [r["completion"].token_ids for r in one_pass] == [r["completion"].token_ids for r in two_rounds]
     assert [r["degenerate"] for r in one_pass] == [r["degenerate"] for r in two_rounds]
+
+
+def test_two_round_sister_b_carries_the_engines_log_probs_for_the_is_correction():
+    """vLLM's path: B's sampled-token log-probs are A's over the shared prefix, then its continuation's."""
+
+    class Engine:  # a vLLM stand-in: each token's log-prob is a function of the token
+        def generate(self, requests, params):
+            out = []
+            for r in requests:
+                tokens = [(r.seed + 3 * k) % 50 for k in range(r.max_new_tokens)]
+                out.append(Completion(tokens, "length", [-token / 100 for token in tokens]))
+            return out
+
+    prompts = [Prompt(i, {"prompt_id": i}, f"p{i}", [5 + i, 6, 7]) for i in range(3)]
+    cfg, params = PairingConfig(group_size=4), SamplingParams(max_new_tokens=8)
+    records = sample_pairs(Engine(), prompts, params, cfg, seed=3, rng=np.random.default_rng(0))
+    shared = [a["split_token_idx"] for a in records[::2] if not a["degenerate"]]
+    assert shared and any(t > 0 for t in shared)
+    for record in records:
+        completion = record["completion"]
+        assert completion.logprobs == [-token / 100 for token in completion.token_ids]
 
 
 def test_states_come_from_the_log_prob_forward(tiny_model_dir):
