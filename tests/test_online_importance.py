@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -32,6 +33,8 @@ from pipeline.grpo.online_importance import (
 from pipeline.grpo.paired_rollout import Pairing
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.rollouts import PairingConfig, Prompt, sample_pairs
+from pipeline.study.config import load_study
+from pipeline.study.grid import build_plan
 from tests.grpo_launcher import DECIDING, deciding_token
 from tests.scale_batch import random_batch
 from train_grpo_softmask import main
@@ -353,3 +356,18 @@ def test_gathered_pairs_keep_their_states_in_rank_order():
     buffer = PairBuffer(capacity=10)
     buffer.add({**{k: torch.zeros(4) for k in ("r2", "split", "length", "step")}, **merged}, out)
     assert buffer.meta["degenerate"].dtype == torch.bool and buffer.meta["degenerate"].tolist() == [False, True] * 2
+
+
+@pytest.mark.parametrize("study_file", ["cpu_arithmetic.yaml", "gpu_countdown.yaml"])
+def test_shipped_studies_have_an_online_arm_beside_the_controls(study_file, tmp_path):
+    """Each shipped study plans an ``online`` arm (delta on the online head, warm-started by the study's
+    stage-2 export) next to none, delta, shuffled and entropy; planning validates every run's options."""
+    study = dataclasses.replace(load_study(ROOT / "studies" / study_file), out_dir=str(tmp_path))
+    plan = build_plan(study)
+    assert {"none", "delta", "shuffled", "entropy", "online"} <= set(study.arms)
+    online = [run for run in plan.runs if run.arm == "online"]
+    assert len(online) == len(study.seeds)
+    for run in online:
+        assert run.options["softmask"] == "delta" and run.options["importance"] == "online"
+        assert run.options["importance_net"] == str(plan.export)
+    assert not any(tmp_path.iterdir()), "planning writes nothing"
