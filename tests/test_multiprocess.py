@@ -83,3 +83,15 @@ def test_fsdp_matches_one_process(tiny_model_dir, tmp_path):
     _run(tiny_model_dir, tmp_path / "two", 2, "fsdp", *FSDP, "--resume")  # loads the step-3 shards; nothing to train
     restored = load_file(run / "policy" / "model.safetensors")
     assert all(torch.equal(trained[k], restored[k]) for k in trained)
+
+
+def test_online_importance_on_two_ranks_shares_one_buffer_and_one_head(tiny_model_dir, tmp_path):
+    """--importance online under DDP: each rank's pairs reach every rank's buffer (8 pairs a step: 4 prompts x
+    2 pairs over both ranks), and the run's own check finds the same head and fallback on both ranks each step."""
+    run = _run(tiny_model_dir, tmp_path, 2, "ddp", "--max_steps", "3", "--save_every", "3", "--softmask", "delta",
+               "--importance", "online", "--online_heldout_fraction", "0.5")
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["online/buffer_pairs"].tolist() == [8.0, 16.0, 24.0]
+    assert (metrics["online/train_pairs"] + metrics["online/heldout_pairs"] <= metrics["online/buffer_pairs"]).all()
+    state = torch.load(sorted((run / "checkpoints").glob("*.ckpt"))[-1], weights_only=True)["online"]
+    assert len(state["buffer"]["states"]) == 24 and sorted(set(state["buffer"]["meta"]["step"].tolist())) == [1, 2, 3]

@@ -358,6 +358,14 @@ def test_gathered_pairs_keep_their_states_in_rank_order():
     assert buffer.meta["degenerate"].dtype == torch.bool and buffer.meta["degenerate"].tolist() == [False, True] * 2
 
 
+def test_ranks_whose_heads_differ_fail_loudly():
+    """end_step's gather also compares every rank's head, fallback switch and buffer size."""
+    online = OnlineImportance(4, OnlineOptions(), "cpu")
+    online._check_agreement(1, torch.device("cpu"), lambda t: torch.cat([t, t]))  # the same on both ranks
+    with pytest.raises(RuntimeError, match="diverged across ranks at step 2"):
+        online._check_agreement(2, torch.device("cpu"), lambda t: torch.cat([t, t + torch.tensor([[1e-9, 0, 0]])]))
+
+
 @pytest.mark.parametrize("study_file", ["cpu_arithmetic.yaml", "gpu_countdown.yaml"])
 def test_shipped_studies_have_an_online_arm_beside_the_controls(study_file, tmp_path):
     """Each shipped study plans an ``online`` arm (delta on the online head, warm-started by the study's

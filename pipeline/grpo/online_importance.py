@@ -258,12 +258,23 @@ class OnlineImportance:
             self.refit()
         judged = self.judge()
         self.fallback = not gain_is_positive(judged if np.isfinite(judged["gain"]) else None)
+        if gather is not None:
+            self._check_agreement(step, mask.device, gather)
         lo, hi = judged["gain_ci95"]
         return {"online/buffer_pairs": float(len(self.buffer)), "online/train_pairs": judged["train_pairs"],
                 "online/heldout_pairs": float(judged["pairs"]), "online/loss": judged["loss"],
                 "online/baseline_loss": judged["baseline_loss"], "online/gain": judged["gain"],
                 "online/gain_lo": lo, "online/gain_hi": hi, "online/fallback": float(self.fallback),
                 "online/top20_mass": concentration}
+
+    def _check_agreement(self, step: int, device: torch.device, gather: Callable[[Tensor], Tensor]) -> None:
+        """Every rank refit the same head on the same buffer: fail loudly if the heads or switches differ."""
+        mine = torch.stack([torch.cat([p.detach().double().flatten() for p in self.head.parameters()]).sum(),
+                            torch.tensor(float(self.fallback), dtype=torch.float64),
+                            torch.tensor(float(len(self.buffer)), dtype=torch.float64)]).to(device)
+        every = gather(mine.unsqueeze(0))
+        if not torch.equal(every, mine.unsqueeze(0).expand_as(every)):
+            raise RuntimeError(f"online importance heads diverged across ranks at step {step}")
 
     def _split(self) -> tuple[Tensor, Tensor, str]:
         """Training and held-out pairs (the informative ones, by prompt) and the likelihood for these rewards."""
