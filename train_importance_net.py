@@ -39,7 +39,7 @@ from pipeline.importance.train import F_ENDS, PRECISIONS, run
 @option("head_hidden", type=int, default=0, help="Hidden width of the head; 0 = linear head.")
 @option("val_fraction", type=float, default=0.1, help="Share of prompts held out for validation.")
 @option("max_epochs", type=int, default=20)
-@option("patience", type=int, default=3, help="Stop after this many epochs without a better val loss; 0 = never.")
+@option("patience", type=int, default=5, help="Stop after this many epochs without a better val loss; 0 = never.")
 @option("batch_size", type=int, default=32, help="Pairs per batch.")
 @option("lr", type=float, default=1e-2, help="Learning rate of the head.")
 @option("weight_decay", type=float, default=0.01, help="AdamW weight decay of the head's (and trained body's) weights.")

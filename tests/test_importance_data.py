@@ -5,7 +5,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.importance.data import PairDataModule, PairDataset, collate, load_pairs, reward_column, split_by_prompt
+from pipeline.importance.data import (
+    PairDataModule,
+    PairDataset,
+    collate,
+    load_pairs,
+    reward_column,
+    split_by_prompt,
+)
 from pipeline.importance.sampling import ShardSampler
 from pipeline.importance.train import default_run_dir
 from pipeline.models import load_tokenizer

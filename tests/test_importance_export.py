@@ -92,7 +92,7 @@ def test_a_group_scored_with_its_prompt_once_equals_row_by_row(scorer):
     rng = torch.Generator().manual_seed(0)
     prompts, completions = [], []
     for prompt in PROMPTS:
-        for g in range(4):
+        for _ in range(4):
             prompts.append(prompt)
             completions.append(torch.randint(60, 90, (int(torch.randint(0, 9, (1,), generator=rng)),),
                                              generator=rng).tolist())

@@ -8,7 +8,14 @@ import torch
 from scipy.stats import multivariate_normal
 
 from pipeline.errors import UserError
-from pipeline.importance.loss import F_MAX, LIKELIHOODS, best_constant_f, is_binary, pair_nll, resolve_likelihood
+from pipeline.importance.loss import (
+    F_MAX,
+    LIKELIHOODS,
+    best_constant_f,
+    is_binary,
+    pair_nll,
+    resolve_likelihood,
+)
 from pipeline.importance.metrics import N_BINS, ValidationStats, bootstrap_gain_ci
 
 
