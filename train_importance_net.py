@@ -11,7 +11,7 @@ from pipeline.cli import config_option, option, run_stage, stage_command
 from pipeline.importance.data import GROUP_STATS
 from pipeline.importance.forms import FORMS
 from pipeline.importance.loss import LIKELIHOODS, UNITS
-from pipeline.importance.model import BACKBONE_MODES
+from pipeline.importance.model import BACKBONE_MODES, FEATURES
 from pipeline.importance.train import F_ENDS, PRECISIONS, run
 
 
@@ -30,8 +30,8 @@ from pipeline.importance.train import F_ENDS, PRECISIONS, run
         help="monotone: f = 1 - prod(1 - hazard) never falls; direct: f = sigmoid(head) at each position.")
 @option("f_end", type=click.Choice(F_ENDS), default="pinned",
         help="pinned: f(len) = 1 (reward a function of the text); learnt: from the head (noisy rewards).")
-@option("position_features", type=bool, default=True,
-        help="Give the head a basis of the position in the completion (true/false).")
+@option("features", type=click.Choice(FEATURES), default="state+position",
+        help="What the head sees per completion token: its hidden state, a basis of its position, or both.")
 @option("backbone_mode", type=click.Choice(BACKBONE_MODES), default="frozen", help="What of the backbone trains.")
 @option("last_k", type=int, default=1, help="Trainable last layers (--backbone_mode last_k).")
 @option("lora_r", type=int, default=8, help="LoRA rank (--backbone_mode lora).")

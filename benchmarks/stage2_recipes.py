@@ -16,6 +16,7 @@ per-region mean absolute error and the error at the t next to each jump. One JSO
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -24,12 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "direct": {"f_form": "direct"},
-    "no_position": {"position_features": False},
-    "direct_no_position": {"f_form": "direct", "position_features": False},
+    "state_only": {"features": "state"},
+    "direct_state_only": {"f_form": "direct", "features": "state"},
+    "position_only": {"features": "position"},
+    "direct_position_only": {"f_form": "direct", "features": "position"},
     "gaussian": {"likelihood": "gaussian"},
     "moment": {"likelihood": "moment"},
     "mlp64": {"head_hidden": 64},
@@ -45,6 +49,19 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def recipe_options(name: str) -> dict[str, Any]:
+    """A named recipe, or options written out: ``lr=1e-3&features=position``."""
+    if "=" not in name:
+        return RECIPES[name]
+    def value(text: str) -> Any:
+        try:
+            return float(text) if any(c in text for c in ".e") and not text.isalpha() else yaml.safe_load(text)
+        except ValueError:
+            return yaml.safe_load(text)
+
+    return {key: value(text) for key, text in (item.split("=", 1) for item in name.split("&"))}
+
+
 def _val_f(export: str, pairs) -> np.ndarray:
     """f(t) of each validation pair at its split, from the exported scorer (as stage 3 would read it)."""
     from pipeline.importance import load
@@ -54,7 +71,9 @@ def _val_f(export: str, pairs) -> np.ndarray:
 
 
 def cross_gains(export: str, train, val, binary: bool) -> dict[str, Any]:
-    """The run's validation gain under each applicable likelihood, with a bootstrap CI over prompts."""
+    """The run's validation gain under each applicable likelihood, with a bootstrap CI over prompts.
+
+    ``train`` gives each likelihood's constant; ``val`` may be any subset of the validation pairs."""
     from pipeline.importance.loss import LIKELIHOODS, best_constant_f
     from pipeline.importance.metrics import bootstrap_gain_ci
 
@@ -82,6 +101,28 @@ def cross_gains(export: str, train, val, binary: bool) -> dict[str, Any]:
     return out
 
 
+def limit_training_splits(dump: Path, out: Path, max_split: int, seed: int) -> Path:
+    """A copy of the dump whose *training* prompts keep only pairs split at t <= max_split (the others are
+    flagged degenerate, so stage 2 skips them): what a stage-1 run with t_max = max_split would have
+    given, with validation untouched, to measure f past the split limit."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.dump import read_dump
+    from pipeline.importance.data import load_pairs, split_by_prompt
+
+    _, val = split_by_prompt(load_pairs(dump, "reward", "prompt")[0], 0.1, seed)
+    table = read_dump(dump)
+    is_val = np.isin(table["prompt_id"].to_numpy(), np.unique(val.prompt_id))
+    beyond = table["split_token_idx"].to_numpy() > max_split
+    flagged = table["degenerate"].to_numpy() | (beyond & ~is_val)
+    table = table.set_column(table.schema.get_field_index("degenerate"), "degenerate", pa.array(flagged))
+    path = out / f"rollouts_tmax{max_split}" / "part-00000.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path.parent
+
+
 def truth_errors(export: str, truth: str, n: int = 300, seed: int = 99) -> dict[str, Any]:
     """Per region (0, 1, 2 deciding tokens in the prefix): mean f, mean truth, MAE; and the edge error."""
     from pipeline.importance import load
@@ -107,10 +148,13 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rollouts", type=Path, help="a stage-1 dump")
     parser.add_argument("--truths", help="comma-separated synthetic truths instead of --rollouts")
-    parser.add_argument("--reward_key", default="reward")
-    parser.add_argument("--recipes", default="default", help=f"comma-separated, of: {', '.join(RECIPES)}")
+    parser.add_argument("--reward_keys", default="reward", help="comma-separated reward columns to model")
+    parser.add_argument("--recipes", default="default",
+                        help=f"comma-separated: {', '.join(RECIPES)}, or options like lr=1e-3&features=position")
     parser.add_argument("--seeds", default="0", help="comma-separated: split seed (dump) or dump seed (truths)")
     parser.add_argument("--out_dir", type=Path, default=None, help="runs go here (default: a temporary dir)")
+    parser.add_argument("--train_max_split", type=int, default=None,
+                        help="train only on pairs split at t <= this (validation keeps all): f past the split limit")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="rvg-recipes-"))
     torch.set_num_threads(1)
@@ -132,27 +176,34 @@ def main(argv: list[str] | None = None) -> None:
                 jobs.append((dump.parent, str(backbone), truth, 0))
     else:
         jobs = [(args.rollouts, None, None, int(s)) for s in args.seeds.split(",")]
-    caches: dict[Any, FeatureCache] = {}
-    for dump, backbone, truth, seed in jobs:
-        for name in args.recipes.split(","):
-            recipe = RECIPES[name]
-            cache = caches.setdefault((str(dump), args.reward_key), FeatureCache("all"))
-            t0 = time.time()
-            result = run(dump, backbone=backbone, reward_key=args.reward_key, seed=seed, out_dir=out_dir,
-                         run_name=f"{Path(dump).parent.name}-{name}-s{seed}", report_examples=0,
-                         feature_cache=cache if recipe.get("backbone_mode", "frozen") == "frozen" else None,
-                         **recipe)
-            line = {"dump": str(dump), "truth": truth, "recipe": name, "options": recipe, "seed": seed,
-                    "likelihood": result["likelihood"], "gain": result["gain"], "gain_ci95": result["gain_ci95"],
-                    "chosen": result["chosen"], "baseline_f": result["baseline_f"], "pairs": result["pairs"],
-                    "prompts": result["prompts"], "run_dir": result["run_dir"], "seconds": round(time.time() - t0)}
-            if truth:
-                line.update(truth_errors(result["export"], truth))
-            else:
-                pairs, _, column = load_pairs(dump, args.reward_key, "prompt")
-                train, val = split_by_prompt(pairs, 0.1, seed)
-                line["cross"] = cross_gains(result["export"], train, val, is_binary(pairs.r1, pairs.r2))
-            print(json.dumps(line), flush=True)
+        if args.train_max_split is not None:
+            jobs = [(limit_training_splits(dump, out_dir / f"s{seed}", args.train_max_split, seed), b, t, seed)
+                    for dump, b, t, seed in jobs]
+    caches: dict[str, FeatureCache] = {}  # per dump: pair keys are the same for every reward column and split
+    for (dump, backbone, truth, seed), reward_key, name in itertools.product(
+            jobs, args.reward_keys.split(","), args.recipes.split(",")):
+        recipe = recipe_options(name)
+        cache = caches.setdefault(str(dump), FeatureCache("all"))
+        t0 = time.time()
+        result = run(dump, backbone=backbone, reward_key=reward_key, seed=seed, out_dir=out_dir,
+                     run_name=f"{Path(dump).parent.name}-{reward_key}-{name}-s{seed}", report_examples=0,
+                     feature_cache=cache if recipe.get("backbone_mode", "frozen") == "frozen" else None,
+                     **recipe)
+        line = {"dump": str(dump), "truth": truth, "reward_key": reward_key, "recipe": name, "options": recipe,
+                "seed": seed, "likelihood": result["likelihood"], "gain": result["gain"], "gain_ci95": result["gain_ci95"],
+                "chosen": result["chosen"], "baseline_f": result["baseline_f"], "pairs": result["pairs"],
+                "prompts": result["prompts"], "run_dir": result["run_dir"], "seconds": round(time.time() - t0)}
+        if truth:
+            line.update(truth_errors(result["export"], truth))
+        else:
+            pairs, _, column = load_pairs(dump, reward_key, "prompt")
+            train, val = split_by_prompt(pairs, recipe.get("val_fraction", 0.1), seed)
+            binary = is_binary(pairs.r1, pairs.r2)
+            line["cross"] = cross_gains(result["export"], train, val, binary)
+            if args.train_max_split is not None:
+                line["beyond_max_split"] = cross_gains(result["export"], train,
+                                                       val.subset(val.split > args.train_max_split), binary)
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

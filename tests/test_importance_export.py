@@ -191,3 +191,10 @@ def test_export_is_readable_by_others(tiny_model_dir, tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
     assert {stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {0o666 & ~umask}
+
+
+def test_position_only_features_give_every_completion_the_same_curve(tiny_model_dir):
+    scorer = ImportanceScorer(_net(tiny_model_dir, features="position"), _info(tiny_model_dir))
+    a, b = scorer.score([PROMPTS[0], PROMPTS[2]], [[60, 61, 250, 70, 71], [80, 81, 82, 83, 84]])
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a[1:-1] > 0).all() and a[-1].item() == 1.0

@@ -2,13 +2,12 @@
 
 Only the decoder body runs: f is read from hidden states, so the LM's vocabulary logits (the
 costliest layer of a small model) are never computed. The head sees each completion token's
-hidden state (layer-normalised) and, by default, a basis of its position in the completion
-(``forms.position_features``); ``forms`` turns its outputs into f(0..L).
+hidden state (layer-normalised) and a basis of its position in the completion
+(``forms.position_features``), or either alone (``FEATURES``); ``forms`` turns its outputs into f(0..L).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from pipeline.importance.states import TokenIds, completion_states
 from pipeline.models import load_causal_lm
 
 BACKBONE_MODES = ("frozen", "last_k", "lora")
+FEATURES = ("state+position", "state", "position")  # what the head sees at each completion position
 
 
 @dataclass
@@ -41,7 +41,7 @@ class NetConfig:
     head_hidden: int = 0  # 0: a linear head; > 0: one hidden layer of that width
     form: str = "monotone"  # forms.FORMS
     pin_end: bool = True  # f(len) = 1; False: f(len) comes from the head like every other position
-    position_features: bool = True
+    features: str = "state+position"  # FEATURES
     constant: float | None = None  # set when the best candidate on validation was the constant f: f = it for 0 < t
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +65,8 @@ class ImportanceNet(nn.Module):
             raise UserError(f"--backbone_mode must be one of {', '.join(BACKBONE_MODES)}, got '{config.backbone_mode}'")
         if config.form not in FORMS:
             raise UserError(f"--f_form must be one of {', '.join(FORMS)}, got '{config.form}'")
+        if config.features not in FEATURES:
+            raise UserError(f"--features must be one of {', '.join(FEATURES)}, got '{config.features}'")
         self.config = config
         self.body = load_causal_lm(config.backbone).get_decoder()
         self.body.requires_grad_(False)
@@ -78,7 +80,9 @@ class ImportanceNet(nn.Module):
         elif config.backbone_mode == "lora":
             lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear")
             inject_adapter_in_model(lora, self.body)
-        width = self.body.config.hidden_size + (len(KNOTS) if config.position_features else 0)
+        self.uses_states = "state" in config.features
+        self.uses_position = "position" in config.features
+        width = (self.body.config.hidden_size if self.uses_states else 0) + (len(KNOTS) if self.uses_position else 0)
         self.head = (nn.Linear(width, 1) if config.head_hidden <= 0 else
                      nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1)))
 
@@ -102,19 +106,29 @@ class ImportanceNet(nn.Module):
         return next(self.parameters()).device
 
     def states(self, prompts: Sequence[TokenIds], completions: Sequence[TokenIds]) -> Tensor:
-        """(R, W, H) hidden states at the completion tokens (one forward per distinct prompt)."""
+        """(R, W, H) hidden states at the completion tokens (one forward per distinct prompt); (R, W, 0) and
+        no forward at all when the head reads positions only."""
+        if not self.uses_states:
+            return torch.zeros(len(completions), max((len(c) for c in completions), default=0), 0, device=self.device)
         return completion_states(self.body, prompts, completions, self.device)
 
     def logits(self, states: Tensor, u: Tensor) -> Tensor:
         """a(u) (R, W) from states (R, W, H) at completion positions u (R, W), u = tokens in the prefix."""
-        x = F.layer_norm(states, states.shape[-1:])
-        if self.config.position_features:
-            # x sqrt(H): under Adam each weight moves about lr per step, so H unit-scale state coordinates move
-            # the logit ~sqrt(H) times faster than the 1-2 active position weights would; this evens it out
-            # (measured: without it, a step in position is learnt as a ramp).
-            basis = position_features(u).to(x.dtype) * math.sqrt(states.shape[-1])
-            x = torch.cat([x, basis], dim=-1)
-        return self.head(x).squeeze(-1)
+        # Under Adam every weight moves about lr per step, so a block of n inputs of size s moves a(u) by up to
+        # ~lr * n * s per step. The normalised state divided by H (n = H, s ~ 1/H) and the position basis (two
+        # active inputs summing to 1) both move it ~lr per step, whatever the backbone's width: one lr suits
+        # every backbone and neither block outruns the other (measured: with raw states, a step in position was
+        # learnt as a ramp, and a 576-wide state overfitted a 2,000-pair dump within one epoch).
+        parts = []
+        if self.uses_states:
+            parts.append(F.layer_norm(states, states.shape[-1:]) / states.shape[-1])
+        if self.uses_position:
+            parts.append(position_features(u).to(self.head_dtype))
+        return self.head(torch.cat(parts, dim=-1)).squeeze(-1)
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return next(self.head.parameters()).dtype
 
     def inner_f(self, states: Tensor, u: Tensor) -> Tensor:
         """f(u) (R, W) of the form at positions u, before the ends are pinned."""
@@ -187,7 +201,7 @@ class ImportanceModule(L.LightningModule):
         return [self.features.rows[k] if len(p) else self._empty() for k, p in zip(keys, prefixes, strict=True)]
 
     def _empty(self) -> Tensor:
-        return torch.zeros(0, self.net.body.config.hidden_size, device=self.device)
+        return torch.zeros(0, self.net.body.config.hidden_size if self.net.uses_states else 0, device=self.device)
 
     def pair_f(self, batch: dict[str, Any]) -> Tensor:
         """f(t) of each pair at its split t (0 where t = 0: the pinned start)."""

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # A resumed run must see the same data and network as the one it continues.
 IDENTITY_ARGS = ("rollouts", "backbone", "reward_key", "group_stats", "val_fraction", "seed", "backbone_mode",
-                 "last_k", "lora_r", "lora_alpha", "head_hidden", "likelihood", "f_form", "f_end", "position_features")
+                 "last_k", "lora_r", "lora_alpha", "head_hidden", "likelihood", "f_form", "f_end", "features")
 F_ENDS = ("pinned", "learnt")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 LAST_CKPT = "last.ckpt"
@@ -209,7 +209,7 @@ def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_fro
 
 
 def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "reward", group_stats: str = "prompt",
-        likelihood: str = "auto", f_form: str = "monotone", f_end: str = "pinned", position_features: bool = True,
+        likelihood: str = "auto", f_form: str = "monotone", f_end: str = "pinned", features: str = "state+position",
         backbone_mode: str = "frozen", last_k: int = 1, lora_r: int = 8, lora_alpha: int = 16, head_hidden: int = 0,
         val_fraction: float = 0.1, max_epochs: int = 20, patience: int = 5, batch_size: int = 32, lr: float = 1e-2,
         weight_decay: float = 0.01, backbone_lr: float = 1e-4, precision: str = "32-true",
@@ -251,7 +251,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     run_dir = default_run_dir(rollouts, run_name, out_dir)
     args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
             "group_stats": group_stats, "likelihood": resolved, "f_form": f_form, "f_end": f_end,
-            "position_features": position_features, "backbone_mode": backbone_mode, "last_k": last_k,
+            "features": features, "backbone_mode": backbone_mode, "last_k": last_k,
             "lora_r": lora_r, "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
             "max_epochs": max_epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
             "weight_decay": weight_decay, "backbone_lr": backbone_lr, "precision": precision, "devices": str(devices),
@@ -265,7 +265,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
 
     baseline_f, init_value = starting_point(f_form, resolved, dm.train)
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden, f_form,
-                           f_end == "pinned", position_features)
+                           f_end == "pinned", features)
     module = ImportanceModule(net_config.to_dict(), resolved, init_value, baseline_f, lr, backbone_lr, weight_decay,
                               feature_cache=feature_cache)
     if is_rank_zero and resume_from is None:
