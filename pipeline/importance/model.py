@@ -27,6 +27,7 @@ from pipeline.models import load_causal_lm
 
 BACKBONE_MODES = ("frozen", "last_k", "lora")
 FEATURES = ("state+position", "state", "position")  # what the head sees at each completion position
+STATE_LEVERAGE = 4.0  # the state block moves a(u) this many times faster than the position basis (measured)
 
 
 @dataclass
@@ -121,7 +122,7 @@ class ImportanceNet(nn.Module):
         # learnt as a ramp, and a 576-wide state overfitted a 2,000-pair dump within one epoch).
         parts = []
         if self.uses_states:
-            parts.append(F.layer_norm(states, states.shape[-1:]) / states.shape[-1])
+            parts.append(F.layer_norm(states, states.shape[-1:]) * (STATE_LEVERAGE / states.shape[-1]))
         if self.uses_position:
             parts.append(position_features(u).to(self.head_dtype))
         return self.head(torch.cat(parts, dim=-1)).squeeze(-1)
