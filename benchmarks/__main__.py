@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--only stage1|stage2|stage3] [--quick]`` (``make bench``): see docs/benchmarks.md.
+"""``python -m benchmarks [--only stage1|stage2|stage3|memory] [--quick]`` (``make bench``): see docs/benchmarks.md.
 
 Prints one table per stage and the issue targets (PASS/MISS), and writes everything as JSON to
 ``benchmarks/results/latest.json`` (git-ignored). Timings are never asserted by tests.
@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "stage3")
+STAGES = ("stage1", "stage2", "stage3", "memory")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", choices=STAGES,
-                        help="run only this stage (repeatable); default: all three")
+                        help="run only this stage (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="smaller settings (a few minutes): a smoke run")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds (stages 1-2) / measured steps (stage 3) instead of the defaults")
@@ -63,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model is local; nothing needs the network
     import torch
 
-    from benchmarks import stage1, stage2, stage3
+    from benchmarks import memory, stage1, stage2, stage3
     from benchmarks.common import Context, quiet_libraries
     from benchmarks.timing import checks_table, load_average, table
 
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_libraries()
-    modules = {"stage1": stage1, "stage2": stage2, "stage3": stage3}
+    modules = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "memory": memory}
     selected = [s for s in STAGES if not args.only or s in args.only]
     ctx = Context(quick=args.quick)
     results: dict[str, Any] = {"environment": environment(torch.get_num_threads()), "quick": args.quick,
@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in selected:
         module = modules[name]
         cfg = module.QUICK if args.quick else module.Config()
-        if args.rounds:
-            cfg = replace(cfg, **({"steps": args.rounds} if name == "stage3" else {"rounds": args.rounds}))
+        repeats = "steps" if name == "stage3" else "rounds"
+        if args.rounds and hasattr(cfg, repeats):
+            cfg = replace(cfg, **{repeats: args.rounds})
         print(f"\n=== {name} ({'quick' if args.quick else 'full'}) ===", flush=True)
         start = time.perf_counter()
         try:

@@ -32,6 +32,16 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+def check_writable(path: Path) -> Path:
+    """Fail now, creating nothing, if ``path`` could not be created and written later."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to '{path}' ('{probe}' is not a writable directory): pass a writable --out_dir")
+    return path
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` then rename into place, so readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +57,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """A JSON artifact; an unreadable one is a one-line error naming the file and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"'{path}' is not readable JSON ({type(err).__name__}): {fix}") from err
 
 
 def write_json(path: Path, data: Any) -> Path:

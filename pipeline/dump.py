@@ -71,23 +71,43 @@ def write_part(path: Path, table: pa.Table) -> Path:
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def _unreadable(file: Path, err: Exception) -> UserError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"'{file}' is not a readable parquet file ({reason}): delete it and rerun stage 1 to "
+                     "regenerate it, or point --rollouts at a stage-1 dump")
+
+
+def readable_part(file: Path) -> Path:
+    """``file`` if its parquet footer reads (a truncated or non-parquet file fails here, named)."""
+    try:
+        pq.read_schema(file)
+    except (pa.ArrowException, OSError) as err:
+        raise _unreadable(file, err) from err
+    return file
+
+
 def dump_files(path: str | Path) -> list[Path]:
+    """The dump's part files, each checked readable."""
     path = Path(path)
     if path.is_file():
-        return [path]
+        return [readable_part(path)]
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
         if files:
-            return files
+            return [readable_part(f) for f in files]
         raise UserError(f"'{path}' holds no .parquet files: point --rollouts at a stage-1 dump")
     raise UserError(f"rollouts '{path}' not found: run generate_paired_rollouts.py first or fix the path")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The key-value metadata (model name, reward names, tokenizer fingerprint, ...) of a dump."""
-    raw = pq.read_schema(dump_files(path)[0]).metadata or {}
-    return {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in raw.items()
-            if k.decode().startswith(META_PREFIX)}
+    file = dump_files(path)[0]
+    raw = pq.read_schema(file).metadata or {}
+    try:
+        return {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in raw.items()
+                if k.decode().startswith(META_PREFIX)}
+    except ValueError as err:
+        raise UserError(f"'{file}' has corrupt {META_PREFIX}* metadata: regenerate the dump with stage 1") from err
 
 
 def schema_version(path: str | Path, metadata: dict[str, Any]) -> str:
@@ -100,9 +120,14 @@ def schema_version(path: str | Path, metadata: dict[str, Any]) -> str:
 
 
 def read_dump(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    files = dump_files(path)
+    tables = []
+    for file in dump_files(path):
+        try:
+            tables.append(pq.read_table(file, columns=columns))
+        except (pa.ArrowException, KeyError, OSError) as err:
+            raise _unreadable(file, err) from err
     try:
-        tables = [pq.read_table(f, columns=columns) for f in files]
-    except (pa.ArrowInvalid, KeyError, OSError) as err:
-        raise UserError(f"cannot read rollouts '{path}': {err}") from err
-    return pa.concat_tables(tables, promote_options="default")
+        return pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as err:
+        raise UserError(f"the parts of rollouts '{path}' do not share one schema ({err}): regenerate the dump "
+                        "with one stage-1 command") from err

@@ -6,7 +6,8 @@
 Within the calibrated range a right answer outscores a wrong one (for alpha + beta <= 1), and the
 reward model orders answers inside each class, so a group whose answers are all right or all wrong
 still has reward variance to learn from. min and max come from a warm-up pass before the run and
-are saved to a JSON file, so a rerun or resume scores on the same scale.
+are saved to a JSON file, so a rerun or resume scores on the same scale. With several ranks each
+scores a share of the warm-up completions, all take min/max of the gathered scores, rank 0 writes.
 
 The stage calls ``configure_hybrid`` (and ``calibrate`` when the state file has no calibration
 yet); the ``hybrid`` entry of rewards.py then reads the configured instance via ``active_hybrid``.
@@ -14,7 +15,6 @@ yet); the ``hybrid`` entry of rewards.py then reads the configured instance via 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from pipeline.artifacts import now_iso, write_json
+from pipeline.artifacts import now_iso, read_json, write_json
 from pipeline.errors import UserError
 from pipeline.generation.base import GenerationBackend, Request, SamplingParams
 from pipeline.models import load_tokenizer, resolve_model
@@ -41,12 +41,12 @@ class HybridReward:
     """A loaded reward model, its calibration and the formula's weights: the run's one hybrid reward."""
 
     def __init__(self, reward_model: str, state_path: Path, alpha: float, beta: float, eps: float,
-                 batch_size: int, max_length: int):
+                 batch_size: int, max_length: int, device: torch.device | str = "cpu"):
         path = resolve_model(reward_model)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+                path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         except (OSError, ValueError) as err:
             raise UserError(f"--reward_model '{reward_model}' could not be loaded as a sequence classifier "
                             f"({type(err).__name__}): pass a local HF directory or a cached hub id") from err
@@ -65,7 +65,7 @@ class HybridReward:
     def _load_calibration(self) -> dict[str, Any] | None:
         if not self.state_path.exists():
             return None
-        state = json.loads(self.state_path.read_text())
+        state = read_json(self.state_path, "delete it to calibrate again")
         if state["reward_model"] != self.reward_model:
             raise UserError(f"'{self.state_path}' holds a calibration of reward model '{state['reward_model']}', "
                             f"not '{self.reward_model}': use another output directory or delete the file")
@@ -92,15 +92,22 @@ class HybridReward:
             out.append(logits[:, 0].float().cpu().numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
-    def calibrate(self, prompts: Sequence[str], completions: Sequence[str],
-                  questions: Sequence[str] | None = None) -> dict[str, Any]:
-        """Set min/max from warm-up completions and save them to the state file."""
-        if not completions:
-            raise UserError("hybrid reward calibration needs at least one completion: raise --rm_calibration_prompts")
+    def calibrate(self, prompts: Sequence[str], completions: Sequence[str], questions: Sequence[str] | None = None,
+                  gather: Callable[[Any], list[Any]] | None = None, write: bool = True) -> dict[str, Any]:
+        """Set min/max from warm-up completions and save them to the state file.
+
+        ``gather``: every rank's scores from this rank's (collective: all ranks call); ``write``: this
+        rank saves the file (one rank only).
+        """
         values = self.scores(prompts, completions, questions)
+        if gather is not None:
+            values = np.concatenate([np.asarray(v, dtype=np.float64) for v in gather(values)])
+        if not len(values):
+            raise UserError("hybrid reward calibration needs at least one completion: raise --rm_calibration_prompts")
         self.calibration = {"reward_model": self.reward_model, "min": float(values.min()),
                             "max": float(values.max()), "num_samples": len(values), "created": now_iso()}
-        write_json(self.state_path, self.calibration)
+        if write:
+            write_json(self.state_path, self.calibration)
         return self.calibration
 
     def __call__(self, verified: Sequence[float], prompts: Sequence[str], completions: Sequence[str],
@@ -121,13 +128,14 @@ _active: HybridReward | None = None
 
 
 def configure_hybrid(reward_model: str, state_path: str | Path, alpha: float = 0.5, beta: float = 0.5,
-                     eps: float = 0.01, batch_size: int = 16, max_length: int = 2048) -> HybridReward:
-    """Load the reward model and any saved calibration, and make it the one ``hybrid`` reward uses."""
+                     eps: float = 0.01, batch_size: int = 16, max_length: int = 2048,
+                     device: torch.device | str = "cpu") -> HybridReward:
+    """Load the reward model onto ``device`` with any saved calibration; make it the one ``hybrid`` uses."""
     global _active
     if alpha < 0 or beta < 0 or eps <= 0 or batch_size < 1:
         raise UserError(f"hybrid reward needs alpha, beta >= 0, eps > 0, batch size >= 1 "
                         f"(got {alpha}, {beta}, {eps}, {batch_size})")
-    _active = HybridReward(reward_model, Path(state_path), alpha, beta, eps, batch_size, max_length)
+    _active = HybridReward(reward_model, Path(state_path), alpha, beta, eps, batch_size, max_length, device)
     return _active
 
 
@@ -137,23 +145,42 @@ def active_hybrid() -> HybridReward:
     return _active
 
 
+def check_hybrid_args(weights: Mapping[str, float], reward_model: str | None) -> None:
+    """``--reward_model`` goes with the ``hybrid`` reward, both ways (checked before anything loads)."""
+    if "hybrid" in weights and not reward_model:
+        raise UserError("--rewards hybrid needs --reward_model PATH_OR_ID (a one-output sequence classifier)")
+    if reward_model and "hybrid" not in weights:
+        raise UserError(f"--reward_model is only used by the hybrid reward: add hybrid=1 to --rewards "
+                        f"(now {','.join(f'{k}={v:g}' for k, v in weights.items())}) or drop --reward_model")
+    if reward_model:
+        try:
+            resolve_model(reward_model)
+        except UserError as err:
+            raise UserError(f"--reward_model: {err}") from err
+
+
 def prepare_hybrid(weights: Mapping[str, float], reward_model: str | None, state_path: Path,
                    backend: Callable[[], GenerationBackend], tokenizer,
                    prompts: Sequence[tuple[str, list[int]]], questions: Sequence[str], num_prompts: int,
-                   params: SamplingParams, seed: int) -> dict[str, Any] | None:
+                   params: SamplingParams, seed: int, *, device: torch.device | str = "cpu", rank: int = 0,
+                   world_size: int = 1, gather: Callable[[Any], list[Any]] | None = None) -> dict[str, Any] | None:
     """What a stage does before scoring: load the RM and calibrate once, on one sample per prompt.
 
-    A rerun or resume finds the calibration in ``state_path`` and skips the warm-up pass.
+    The generation engine is built first: vLLM sizes its share of the GPU from what is free, so a
+    reward model loaded before it would leave it too little. A rerun or resume finds the calibration
+    in ``state_path`` and skips the warm-up pass. With several ranks (``gather`` collects every
+    rank's list), rank r generates and scores warm-up prompts r, r + world_size, ...
     """
+    check_hybrid_args(weights, reward_model)
     if "hybrid" not in weights:
         return None
-    if not reward_model:
-        raise UserError("--rewards hybrid needs --reward_model PATH_OR_ID (a one-output sequence classifier)")
-    hybrid = configure_hybrid(reward_model, state_path)
+    engine = backend()
+    hybrid = configure_hybrid(reward_model, state_path, device=device)
     if hybrid.calibration is None:
-        warmup = list(prompts[:num_prompts])
-        requests = [Request(ids, params.max_new_tokens, seed + i) for i, (_, ids) in enumerate(warmup)]
-        completions = backend().generate(requests, params)
+        mine = list(range(min(num_prompts, len(prompts))))[rank::world_size]
+        requests = [Request(prompts[i][1], params.max_new_tokens, seed + i) for i in mine]
+        completions = engine.generate(requests, params) if requests else []
         texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        hybrid.calibrate([text for text, _ in warmup], texts, list(questions[:num_prompts]))
+        hybrid.calibrate([prompts[i][0] for i in mine], texts, [questions[i] for i in mine], gather=gather,
+                         write=rank == 0)
     return hybrid.metadata()

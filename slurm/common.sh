@@ -19,13 +19,17 @@ if [[ -n ${RVG_ARRAY_CONFIGS:-} ]]; then
 fi
 
 # A requeued job (SLURM_RESTART_COUNT > 0) continues its run instead of refusing to overwrite it.
+# Arrays that may be empty expand as ${a[@]+"${a[@]}"}: bash < 4.4 (old cluster images ship 4.2)
+# calls a bare "${a[@]}" of an empty array unbound under set -u.
 resume=()
 if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
     resume=(--resume)
 fi
 
-# srun reports a task killed by signal N as 128 + N. SIGUSR1 (sent 90 s before the time limit) or
-# SIGTERM (preemption) ended a step that keeps no state of its own: requeue, and the rerun resumes.
+# srun reports a task killed by signal N as 128 + N. SIGUSR1 (sent before the time limit) or SIGTERM
+# (preemption) ended a step that keeps no state of its own: requeue, and the rerun resumes. Stage 3
+# exits with 128 + SIGUSR1 itself after checkpointing when it could not run scontrol (a container
+# without SLURM's tools): this shell, on the host, requeues the job for it.
 requeue_if_signalled() {
     local status=$1
     if (( status == 128 + 10 || status == 128 + 15 )); then

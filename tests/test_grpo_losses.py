@@ -8,6 +8,7 @@ import torch
 from trl.trainer.grpo_trainer import GRPOTrainer
 
 from pipeline.grpo.losses import POLICY_LOSSES, compute_policy_loss, mask_truncated_completions
+from pipeline.grpo.softmask import soft_mask_weights
 
 B, T = 6, 9
 LENGTHS = [9, 4, 1, 0, 7, 9]  # one empty completion (e.g. masked as truncated)
@@ -34,8 +35,10 @@ class SingleProcess:
 
 
 def trl_loss(logps, old_logps, advantages, mask, *, loss_type, beta=0.0, ref_logps=None, epsilon_low=0.2,
-             epsilon_high=0.2, importance_sampling_level="token", num_items_in_batch=None):  # fmt: skip
+             epsilon_high=0.2, importance_sampling_level="token", num_items_in_batch=None, entropies=None,
+             top_entropy_quantile=1.0):  # fmt: skip
     """TRL's loss on fixed log-probs: the unbound method with a stand-in trainer holding what it reads."""
+    entropies = torch.zeros_like(logps) if entropies is None else entropies
     trainer = SimpleNamespace(
         loss_type=loss_type,
         beta=beta,
@@ -43,7 +46,7 @@ def trl_loss(logps, old_logps, advantages, mask, *, loss_type, beta=0.0, ref_log
         epsilon_high=epsilon_high,
         importance_sampling_level=importance_sampling_level,
         max_completion_length=T + 3,
-        top_entropy_quantile=1.0,
+        top_entropy_quantile=top_entropy_quantile,
         off_policy_mask_threshold=None,
         aux_loss_enabled=False,
         use_vllm=False,
@@ -54,8 +57,9 @@ def trl_loss(logps, old_logps, advantages, mask, *, loss_type, beta=0.0, ref_log
         accelerator=SingleProcess(),
         args=SimpleNamespace(use_bias_correction_kl=True, delta=None, steps_per_generation=1),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logps, torch.zeros_like(logps), None),
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logps, entropies, None),
     )
+    trainer.get_high_entropy_mask = lambda *args: GRPOTrainer.get_high_entropy_mask(trainer, *args)
     inputs = {
         "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
         "prompt_mask": torch.ones(B, 1, dtype=torch.long),
@@ -121,6 +125,40 @@ def test_matches_trl(loss_type: str, beta: float, epsilons: tuple, on_policy: bo
         assert metrics[name].item() == pytest.approx(trl_metrics[name], abs=1e-9), name
     if not on_policy and level == "token" and loss_type != "cispo":
         assert trl_metrics["clip_ratio/region_mean"] > 0  # the clipping branch was exercised
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_entropy_softmask_is_trls_top_entropy_quantile(loss_type: str, beta: float) -> None:
+    """--softmask entropy --entropy_quantile q is TRL's top_entropy_quantile=q: same loss and gradients."""
+    batch = make_batch(5)
+    entropies = torch.rand(B, T, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3
+    quantile = 0.2
+    weights = soft_mask_weights("entropy", batch["mask"], 1.0, entropies=entropies, entropy_quantile=quantile)
+    kept_rows = (weights.sum(-1) > 0).sum().item()
+    assert 0 < kept_rows < (batch["mask"].sum(-1) > 0).sum().item(), "some completions keep no token"
+    ref_logps = batch["ref_logps"] if beta else None
+    epsilon_high = 1.1 if loss_type == "cispo" else 0.28
+    grads, losses = [], []
+    for side in ("ours", "trl"):
+        logps = batch["logps"].clone().requires_grad_()
+        if side == "ours":
+            loss, _ = compute_policy_loss(
+                loss_type, logps, batch["old_logps"], batch["advantages"], batch["mask"], weights,
+                ref_logps=ref_logps, beta=beta, epsilon_high=epsilon_high, max_completion_length=T + 3,
+            )  # fmt: skip
+        else:
+            loss, _ = trl_loss(
+                logps, batch["old_logps"], batch["advantages"], batch["mask"], loss_type=loss_type, beta=beta,
+                ref_logps=ref_logps, epsilon_high=epsilon_high, entropies=entropies, top_entropy_quantile=quantile,
+            )  # fmt: skip
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(logps.grad)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-12) and abs(losses[0]) > 1e-4
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+    if beta == 0:  # dropped tokens get no gradient at all
+        assert (grads[0][(weights == 0) & (batch["mask"] > 0)] == 0).all()
 
 
 def test_dapo_defaults_to_local_token_count() -> None:

@@ -56,3 +56,22 @@ def test_per_request_sampling_matches_softmax():
     assert stats.chisquare(np.bincount(draws, minlength=4), expected).pvalue > 0.01
     nucleus = [int(PerRequestSampling([s], 1.0, top_p=0.5)(None, logits).argmax()) for s in range(500)]
     assert set(nucleus) == {0}  # p(token 0) = 0.64 >= 0.5: the nucleus is one token
+
+
+def test_the_models_generation_config_does_not_change_samples(tiny_model_dir, tmp_path):
+    """A checkpoint whose generation_config.json asks for penalties, top-k, min-p... samples like one without."""
+    from transformers import GenerationConfig
+
+    model = load_causal_lm(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    opinionated = load_causal_lm(str(tiny_model_dir))
+    opinionated.generation_config = GenerationConfig(
+        eos_token_id=model.generation_config.eos_token_id, do_sample=True, temperature=0.3, top_k=2, top_p=0.5,
+        min_p=0.4, repetition_penalty=1.8, no_repeat_ngram_size=1, min_new_tokens=12, suppress_tokens=[5, 6, 7],
+        bad_words_ids=[[8]])
+    requests = [Request([5, 6, 7], 12, seed=s) for s in range(6)]
+    for params in (SamplingParams(max_new_tokens=12, temperature=1.0), SamplingParams(max_new_tokens=12, temperature=0.0)):
+        plain = HFBackend(model, tokenizer).generate(requests, params)
+        other = HFBackend(opinionated, tokenizer).generate(requests, params)
+        assert [c.token_ids for c in other] == [c.token_ids for c in plain]
+    assert opinionated.generation_config.repetition_penalty == 1.8, "the model's own config is left as it was"

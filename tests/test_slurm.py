@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,8 @@ def _user_args(calls: list[list[str]], template: str) -> list[str]:
 
 
 def test_scripts_parse_with_bash_n():
-    scripts = [*SLURM.glob("*.sbatch"), SLURM / "common.sh", SLURM / "pipeline.sh", FAKE_BIN / "sbatch",
-               FAKE_BIN / "scontrol", ROOT / "scripts" / "make_vllm_env.sh"]
-    assert len(scripts) == 8
+    scripts = [*_shell_scripts(), FAKE_BIN / "sbatch", FAKE_BIN / "scontrol"]
+    assert len(scripts) == 9
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
@@ -55,11 +55,73 @@ def test_scripts_parse_with_bash_n():
 @pytest.mark.parametrize("template", sorted(STAGES))
 def test_templates_ask_for_requeue_on_preemption(template):
     text = (SLURM / template).read_text()
-    for directive in ("--signal=SIGUSR1@90", "--requeue", "--open-mode=append"):
+    warning = 600 if template == "stage3_grpo.sbatch" else 90  # stage 3 finishes a step and saves a 1.5B policy
+    for directive in (f"--signal=SIGUSR1@{warning}", "--requeue", "--open-mode=append"):
         assert f"#SBATCH {directive}\n" in text, directive
     assert "B:USR1" not in text and "B:SIGUSR1" not in text, "the job steps, not only the batch shell, need it"
     assert 'srun "${cmd[@]}"' in text
+    # stage 1 keeps no state; stage 3 exits 128 + SIGUSR1 when it could not requeue itself (no scontrol)
+    assert ("|| requeue_if_signalled $?" in text) == (template != "stage2_importance.sbatch")
     assert ("#SBATCH --array=" in text) == (template == "stage1_rollouts.sbatch")
+
+
+def _shell_scripts() -> list[Path]:
+    return [*SLURM.glob("*.sbatch"), SLURM / "common.sh", SLURM / "pipeline.sh", ROOT / "scripts" / "make_vllm_env.sh",
+            ROOT / "scripts" / "demo.sh"]
+
+
+def test_arrays_that_can_be_empty_expand_on_bash_4_2():
+    """bash < 4.4 (old cluster images: 4.2) calls a bare "${a[@]}" of an empty array unbound under set -u.
+
+    No bash 4.2 here to run them on, so a static check: every array some script can leave empty
+    (assigned ``()`` or filled by ``read -a``) is expanded only as ``${a[@]+"${a[@]}"}``.
+    """
+    texts = {path: path.read_text() for path in _shell_scripts()}
+    maybe_empty = set()
+    for text in texts.values():
+        maybe_empty |= set(re.findall(r"(?:^|\s)(\w+)=\(\)", text, flags=re.M))
+        maybe_empty |= set(re.findall(r"\bread -\w*a\w* (\w+)", text))
+    assert {"resume", "stage1", "stage2", "stage3", "extra"} <= maybe_empty
+    for path, text in texts.items():
+        for name in maybe_empty:
+            bare = re.findall(rf'(?<!\+)"\$\{{{name}\[[@*]\]\}}"', text)
+            assert not bare, f"{path.name}: expand {name} as ${{{name}[@]+\"${{{name}[@]}}\"}}"
+
+
+def test_guarded_expansion_keeps_every_argument(tmp_path):
+    script = 'set -u; empty=(); some=("a b" c); printf "<%s>" ${empty[@]+"${empty[@]}"} ${some[@]+"${some[@]}"}'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "<a b><c>"
+
+
+def test_requeue_through_scontrol(monkeypatch, tmp_path):
+    from pipeline.grpo.preemption import requeue_slurm_job
+
+    for key, value in _env(tmp_path, SLURM_JOB_ID="77").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    assert requeue_slurm_job() == 0
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert requeue_slurm_job() == 0, "not a SLURM job: nothing to requeue"
+
+
+def test_requeue_without_scontrol_hands_over_to_the_template(monkeypatch, tmp_path, caplog):
+    """A container without scontrol: one clear line, and the exit code the template's requeue_if_signalled takes."""
+    from pipeline.grpo.preemption import REQUEUE_EXIT, requeue_slurm_job
+
+    script = f"source slurm/common.sh >/dev/null; requeue_if_signalled {REQUEUE_EXIT}"
+    subprocess.run(["bash", "-c", script], cwd=ROOT, env=_env(tmp_path, **SLURM_ENV), capture_output=True)
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"], "the host's shell requeues"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol, not even for the retry through a shell
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    with caplog.at_level("WARNING"):
+        assert requeue_slurm_job() == REQUEUE_EXIT == 128 + 10
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "could not requeue SLURM job 77" in record.getMessage() and "\n" not in record.getMessage()
 
 
 def _expand(template: str, user_args: list[str], tmp_path: Path, **env: str) -> list[str]:

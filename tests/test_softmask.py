@@ -1,10 +1,22 @@
+import os
+import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from trl.trainer.grpo_trainer import GRPOTrainer
 
-from pipeline.grpo.softmask import SOFTMASKS, finalize, soft_mask_weights, weight_stats
+from pipeline.grpo.softmask import (
+    SOFTMASKS,
+    UNSCALED,
+    finalize,
+    gather_across_ranks,
+    high_entropy_mask,
+    soft_mask_weights,
+    weight_stats,
+)
 
 # Row 0: f = [0, 0, .5, .5, 1], all 4 tokens valid. Row 1: 2 valid tokens; f past them is junk that must not leak.
 F = torch.tensor([[0.0, 0.0, 0.5, 0.5, 1.0], [0.0, 0.25, 0.75, 0.1, 0.9]])
@@ -38,7 +50,7 @@ def test_strength_zero_is_uniform_and_none_is_the_mask(mode: str) -> None:
     assert torch.equal(soft_mask_weights("none", MASK, 0.7), MASK)
 
 
-@pytest.mark.parametrize("mode", sorted(SOFTMASKS))
+@pytest.mark.parametrize("mode", sorted(set(SOFTMASKS) - UNSCALED))
 @pytest.mark.parametrize("strength", [0.3, 1.0])
 def test_mean_one_per_completion_and_zero_on_padding(mode: str, strength: float) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -53,31 +65,77 @@ def test_mean_one_per_completion_and_zero_on_padding(mode: str, strength: float)
     torch.testing.assert_close((weights * mask).sum(-1) / lengths, torch.ones(b))
 
 
-def trl_high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-    single_process = SimpleNamespace(pad_across_processes=lambda x, dim, pad_index: x, gather=lambda x: x)
-    return GRPOTrainer.get_high_entropy_mask(
-        SimpleNamespace(accelerator=single_process), entropies, mask, threshold
-    )
+def trl_high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, threshold: float,
+                          gather=lambda x: x) -> torch.Tensor:  # fmt: skip
+    """TRL's method on a stand-in trainer; ``gather`` plays accelerate's gather of the padded values."""
+    accelerator = SimpleNamespace(pad_across_processes=lambda x, dim, pad_index: x, gather=gather)
+    return GRPOTrainer.get_high_entropy_mask(SimpleNamespace(accelerator=accelerator), entropies, mask, threshold)
+
+
+def ragged_batch(seed: int, lengths: list[int], width: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).float()
+    return torch.rand(len(lengths), width, generator=gen) * 4, mask
 
 
 @pytest.mark.parametrize("quantile", [0.2, 0.05, 0.5, 1.0])
-def test_entropy_keeps_the_top_quantile_like_trl(quantile: float) -> None:
-    gen = torch.Generator().manual_seed(1)
-    lengths = torch.tensor([30, 25, 20, 15, 10, 0])  # 100 valid tokens
-    mask = (torch.arange(30) < lengths.unsqueeze(1)).float()
-    entropies = torch.rand(6, 30, generator=gen) * 4
-    kept = SOFTMASKS["entropy"](mask, None, entropies, quantile)
+def test_entropy_is_trls_mask_as_it_is(quantile: float) -> None:
+    entropies, mask = ragged_batch(1, [30, 25, 20, 15, 10, 0])  # 100 valid tokens
+    kept = soft_mask_weights("entropy", mask, 1.0, entropies=entropies, entropy_quantile=quantile)
+    assert torch.equal(kept, trl_high_entropy_mask(entropies, mask, 1 - quantile).float())
     assert kept.sum().item() == round(100 * quantile)
-    assert torch.equal(kept.bool(), trl_high_entropy_mask(entropies, mask, 1 - quantile))
     dropped = mask.bool() & ~kept.bool()
     if dropped.any():
         assert entropies[kept.bool()].min() > entropies[dropped].max()
+    if quantile == 0.05:
+        assert (kept.sum(-1)[:5] == 0).any(), "a completion with no kept token keeps weight 0, as in TRL"
 
-    weights = soft_mask_weights("entropy", mask, 1.0, entropies=entropies, entropy_quantile=quantile)
-    for row in range(5):  # kept tokens share the completion's mass; a row with none kept is uniform
-        n_kept, n = kept[row].sum(), lengths[row]
+    rescaled = soft_mask_weights("entropy_rescaled", mask, 1.0, entropies=entropies, entropy_quantile=quantile)
+    for row in range(5):  # the rescaled variant: kept tokens share the completion's mass; none kept: uniform
+        n_kept, n = kept[row].sum(), mask[row].sum()
         expected = kept[row] * n / n_kept if n_kept > 0 else mask[row]
-        torch.testing.assert_close(weights[row], expected)
+        torch.testing.assert_close(rescaled[row], expected)
+    half = soft_mask_weights("entropy", mask, 0.5, entropies=entropies, entropy_quantile=quantile)
+    torch.testing.assert_close(half, (0.5 * kept + 0.5) * mask)
+
+
+def test_entropy_quantile_spans_every_ranks_tokens() -> None:
+    """Three ranks with different token counts (one with none) and entropy levels: each keeps what TRL keeps."""
+    (e0, m0), (e1, m1) = ragged_batch(2, [30, 7, 12]), ragged_batch(3, [3, 28])
+    ranks = [(e0, m0), (e1 + 2.0, m1), ragged_batch(4, [0, 0])]  # rank 1 is the more uncertain one
+    padded = [e[m.bool()] for e, m in ranks]
+    width = max(len(p) for p in padded)
+    everything = torch.cat([torch.cat([p, torch.full((width - len(p),), -1e9)]) for p in padded])
+    pooled = torch.cat(padded)
+    for entropies, mask in ranks:
+        ours = high_entropy_mask(entropies, mask, 0.2, gather=lambda local: pooled)
+        theirs = trl_high_entropy_mask(entropies, mask, 0.8, gather=lambda local: everything)
+        assert torch.equal(ours, theirs.float())
+        local_only = high_entropy_mask(entropies, mask, 0.2, gather=lambda local: local)
+        if mask.any():
+            assert not torch.equal(ours, local_only), "the rank's own quantile would keep other tokens"
+    assert sum(high_entropy_mask(e, m, 0.2, gather=lambda local: pooled).sum() for e, m in ranks) == round(
+        0.2 * len(pooled))
+
+
+def _gather_on_rank(rank: int, port: int, values: list[list[float]], out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(values))
+    try:
+        out[rank] = gather_across_ranks(torch.tensor(values[rank])).tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_across_ranks_over_gloo() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    values = [[0.5, 2.0, 1.0], [], [3.0]]
+    out = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_gather_on_rank, args=(port, values, out), nprocs=3, start_method="spawn")
+    assert [out[r] for r in range(3)] == [[0.5, 2.0, 1.0, 3.0]] * 3
+    assert torch.equal(gather_across_ranks(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]))  # not distributed
 
 
 def test_finalize_ignores_gradients_and_checks_strength() -> None:

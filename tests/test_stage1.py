@@ -17,9 +17,11 @@ from click.testing import CliRunner
 from scipy import stats
 
 from generate_paired_rollouts import main
+from pipeline import stage1
 from pipeline.dump import REQUIRED_COLUMNS, read_dump, read_metadata
 from pipeline.generation import SamplingParams
 from pipeline.rollouts import PairingConfig, Prompt, sample_pairs, split_limits
+from tests.file_tree import tree_digest
 from tests.stub_backend import GeometricBackend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +31,15 @@ def run_cli(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def _dump_args(model_dir: Path, out: Path) -> list[str]:
+    return ["--model_name", str(model_dir), "--task_name", "countdown", "--group-size", "4", "--num_prompts", "6",
+            "--max_new_tokens", "16", "--out_dir", str(out), "--prompts_per_chunk", "2", "--seed", "3"]
+
+
 @pytest.fixture(scope="module")
 def dump(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("dump")
-    result = run_cli("--model_name", str(tiny_model_dir), "--task_name", "countdown", "--group-size", "4",
-                     "--num_prompts", "6", "--max_new_tokens", "16", "--out_dir", str(out),
-                     "--prompts_per_chunk", "2", "--seed", "3")
+    result = run_cli(*_dump_args(tiny_model_dir, out))
     assert result.exit_code == 0, result.output
     (path,) = (out / "countdown" / "tiny-llama").glob("rollouts_*")
     return path
@@ -52,6 +57,67 @@ def test_schema_and_metadata(dump):
     meta = json.loads((dump / "rollouts_metadata.json").read_text())
     assert meta["counts"]["groups"] == 6 and meta["counts"]["pairs"] == 12
     assert meta["arguments"]["group_size"] == 4 and meta["tokens_per_s"] > 0
+
+
+def test_rerunning_a_finished_dump_changes_nothing(dump, tiny_model_dir):
+    before = tree_digest(dump.parent)
+    result = run_cli(*_dump_args(tiny_model_dir, dump.parents[2]))
+    assert result.exit_code == 0, result.output
+    assert tree_digest(dump.parent) == before, "the finished dump and its rollouts_metadata.json stay as they were"
+
+
+def _small(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_name", str(model_dir), "--task_name", "arithmetic", "--levels", "0,1", "--group_size", "2",
+            "--num_prompts", "4", "--prompts_per_chunk", "1", "--max_new_tokens", "4", "--out_dir", str(out),
+            "--tag", "t", *extra]
+
+
+def test_overwrite_replaces_the_dump_only_once_the_new_one_is_complete(tiny_model_dir, tmp_path, monkeypatch):
+    assert run_cli(*_small(tiny_model_dir, tmp_path)).exit_code == 0
+    path = tmp_path / "arithmetic" / "tiny-llama" / "rollouts_t"
+    old = tree_digest(path)
+    calls = []
+    real = stage1.sample_pairs
+
+    def dies_on_the_third_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("node lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage1, "sample_pairs", dies_on_the_third_chunk)
+    crashed = CliRunner().invoke(main, _small(tiny_model_dir, tmp_path, "--seed", "1", "--overwrite"))
+    assert isinstance(crashed.exception, RuntimeError)
+    assert tree_digest(path) == old, "a failed --overwrite leaves the old dump whole"
+    assert len(list(stage1.staging_dir(path).glob("part-*.parquet"))) == 2
+    monkeypatch.setattr(stage1, "sample_pairs", real)
+    result = run_cli(*_small(tiny_model_dir, tmp_path, "--seed", "1", "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((path / "run_config.json").read_text())["seed"] == 1
+    assert json.loads((path / "rollouts_metadata.json").read_text())["chunks_generated_this_run"] == 2
+    assert len(read_dump(path)) == 4 * 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["rollouts_t"], "no staging or old copy is left"
+
+
+def test_overwrite_by_shards_swaps_in_when_the_last_shard_finishes(tiny_model_dir, tmp_path):
+    assert run_cli(*_small(tiny_model_dir, tmp_path)).exit_code == 0
+    path = tmp_path / "arithmetic" / "tiny-llama" / "rollouts_t"
+    old = tree_digest(path)
+    shard = ["--seed", "1", "--overwrite", "--num_shards", "2"]
+    assert run_cli(*_small(tiny_model_dir, tmp_path, *shard, "--shard_index", "1")).exit_code == 0
+    assert tree_digest(path) == old, "one shard of two leaves the old dump in place"
+    assert run_cli(*_small(tiny_model_dir, tmp_path, *shard, "--shard_index", "0")).exit_code == 0
+    assert json.loads((path / "run_config.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in path.glob("*.json")) == [
+        "rollouts_metadata.shard-000-of-002.json", "rollouts_metadata.shard-001-of-002.json", "run_config.json"]
+    assert sorted(p.name for p in path.glob("part-*.parquet")) == [f"part-{c:05d}.parquet" for c in range(4)]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["rollouts_t"]
+    straight = tmp_path / "straight"
+    assert run_cli(*_small(tiny_model_dir, straight, "--seed", "1")).exit_code == 0
+    key = ["group_id", "completion_id"]
+    sharded = read_dump(path).to_pandas().sort_values(key).reset_index(drop=True)
+    single = read_dump(next(straight.glob("**/rollouts_t"))).to_pandas().sort_values(key).reset_index(drop=True)
+    assert sharded["completion_token_ids"].map(list).equals(single["completion_token_ids"].map(list))
 
 
 def test_group_statistics_match_pandas(dump):

@@ -53,7 +53,7 @@ def _one_error_line(result) -> str:
     ({"stage3": {"seed": 3}}, "stage3: seed set by the study itself"),
     ({"stage1": {"num_promts": 3}}, "stage1: unknown option(s) num_promts for generate_paired_rollouts.py"),
     ({"stage2": {"export": "/no/such/export"}}, "stage2.export '/no/such/export' not found"),
-    ({"arms": {"none": {"group_size": 1}}}, "arm 'none': --group_size must be >= 2"),
+    ({"arms": {"none": {"group_size": 1}}}, "arm 'none': Invalid value for '--group_size': 1 is not in the range x>=2"),
     ({"analysis": {"alpha": 2}}, "analysis: need reward_window >= 1, 0 < alpha < 1"),
     ({"slurm": {"sbatch": {"stage4": "--time=1"}}}, "slurm.sbatch keys are"),
 ])

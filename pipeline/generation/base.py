@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -18,6 +18,8 @@ class SamplingParams:
 class Completion:
     token_ids: list[int]  # ends with the stop token when finish_reason == "stop" (as TRL's completions)
     finish_reason: str  # "stop" or "length"
+    # the sampler's log-prob of each token (vLLM), for the importance-sampling correction; None: not given
+    logprobs: list[float] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -37,16 +37,18 @@ def resolve_backend(name: str) -> str:
 
 
 def make_backend(name: str, model_name: str, tokenizer, *, model: torch.nn.Module | None = None,
-                 batch_size: int = 32, seed: int = 0, vllm: VLLMOptions | None = None) -> GenerationBackend:
+                 batch_size: int = 32, seed: int = 0, vllm: VLLMOptions | None = None,
+                 device: torch.device | str = "cpu") -> GenerationBackend:
     """Build the backend ``name`` resolves to for ``model_name``.
 
     ``model``: the policy when the caller trains one (stage 3). The hf backend samples from it
-    directly; the vllm engine loads ``model_name`` from disk and then takes ``model``'s current
-    weights, so a run resumed from a checkpoint samples from the resumed policy.
+    directly (from a full copy on ``device`` when it is FSDP-sharded); the vllm engine loads
+    ``model_name`` from disk and then takes ``model``'s current weights. Without ``model`` the hf
+    backend loads ``model_name`` onto ``device``; vLLM places itself (the visible GPU).
     """
     if resolve_backend(name) == "hf":
-        return HFBackend(model if model is not None else load_causal_lm(model_name), tokenizer,
-                         batch_size=batch_size)
+        return HFBackend(model if model is not None else load_causal_lm(model_name).to(device), tokenizer,
+                         batch_size=batch_size, device=device)
     backend = VLLMBackend(resolve_model(model_name), vllm or VLLMOptions(), seed=seed)
     if model is not None:
         backend.sync_weights(model)

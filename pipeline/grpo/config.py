@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline import samplers
 from pipeline.errors import UserError
-from pipeline.grpo.losses import POLICY_LOSSES
-from pipeline.grpo.softmask import SOFTMASKS
+from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
+from pipeline.grpo.policy import check_precision
 
 NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
 SCALE_REWARDS = ("group", "batch", "none")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers.get_scheduler names
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# Where and how a run runs, or how long and how often it reports: these may change on --resume, and they
+# are not part of the default run name. Every other argument defines the run and must match on --resume.
+RESUMABLE_ARGS = ("max_steps", "eval_every", "save_every", "save_total_limit", "logging_steps", "report_to",
+                  "devices", "num_nodes", "strategy", "batch_size", "backend", "tensor_parallel_size",
+                  "gpu_memory_utilization", "max_model_len", "dtype", "require_importance_gain",
+                  "per_device_train_batch_size", "logprob_chunk_size", "entropy_every", "gradient_checkpointing",
+                  "accelerator")
+LOCATION_ARGS = ("out_dir", "run_name", "resume")
 
 
 @dataclass
@@ -44,12 +56,18 @@ class GRPOArgs:
     beta: float = 0.0
     num_iterations: int = 1
     mask_truncated_completions: bool = False
+    importance_sampling_level: str = "token"
     lr: float = 1e-6
+    lr_scheduler_type: str = "linear"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 10
     save_every: int = 10
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    report_to: tuple[str, ...] = ("csv",)
     backend: str = "hf"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.3  # colocated with training: leave the rest to the policy
@@ -65,30 +83,66 @@ class GRPOArgs:
     run_name: str | None = None
     resume: bool = False
     require_importance_gain: bool = False
+    per_device_train_batch_size: int | None = None  # completions per forward/backward (None: the whole step)
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # completion positions per LM-head chunk (0: all at once)
+    entropy_every: int = 1  # log the policy's entropy every N steps (0: never)
+    gradient_checkpointing: bool = False
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str | None = None  # comma-separated, or all-linear (default: peft's for the model)
+    accelerator: str = "auto"  # Fabric's: auto (CUDA when there), cpu, cuda/gpu; every model of the run follows it
+    vllm_importance_sampling_correction: bool = True  # TRL 1.16's names and defaults; vLLM backend only
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
 
     def identity(self) -> str:
         """Hash of what decides the run's results (not where/how it runs): the default run name."""
-        skip = {"out_dir", "run_name", "resume", "devices", "num_nodes", "strategy", "batch_size", "backend",
-                "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype",
-                "require_importance_gain"}
-        data = {k: v for k, v in asdict(self).items() if k not in skip}
+        data = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_ARGS + LOCATION_ARGS}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    def warmup(self) -> int:
+        """Warm-up steps: --warmup_steps, else --warmup_ratio of --max_steps rounded up (transformers' rule)."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
+
+
+def changed_on_resume(saved: dict[str, Any], given: GRPOArgs) -> list[str]:
+    """The defining arguments whose given value differs from the checkpoint's (absent ones are not compared)."""
+    now = json.loads(json.dumps(asdict(given), default=str))
+    before = json.loads(json.dumps(saved, default=str))
+    return [k for k in now if k not in RESUMABLE_ARGS + LOCATION_ARGS and k in before and before[k] != now[k]]
 
 
 def validate(args: GRPOArgs) -> None:
-    if args.group_size < 2:
-        raise UserError(f"--group_size must be >= 2 (got {args.group_size}): advantages compare completions "
-                        "of the same prompt")
-    if args.softmask not in SOFTMASKS:
-        raise UserError(f"unknown --softmask '{args.softmask}': choose one of {', '.join(SOFTMASKS)}")
+    """Checks across options and of names resolved at run time; each option's own range and choices are
+    checked by the CLI's types (pipeline/cli.py)."""
     if args.softmask in NEEDS_IMPORTANCE and not args.importance_net:
         raise UserError(f"--softmask {args.softmask} needs --importance_net <stage-2 run>/export "
                         "(train one with train_importance_net.py)")
-    if args.loss_type not in POLICY_LOSSES:
-        raise UserError(f"unknown --loss_type '{args.loss_type}': choose one of {', '.join(POLICY_LOSSES)}")
-    if args.scale_rewards not in SCALE_REWARDS:
-        raise UserError(f"--scale_rewards must be one of {', '.join(SCALE_REWARDS)}")
-    if not 0 <= args.softmask_strength <= 1 or not 0 < args.entropy_quantile <= 1:
-        raise UserError("need 0 <= --softmask_strength <= 1 and 0 < --entropy_quantile <= 1")
-    if args.max_steps < 1 or args.prompts_per_step < 1 or args.num_iterations < 1:
-        raise UserError("--max_steps, --prompts_per_step and --num_iterations must be >= 1")
+    if args.importance_net and args.softmask not in NEEDS_IMPORTANCE:
+        raise UserError(f"--importance_net is only used by --softmask {' or '.join(NEEDS_IMPORTANCE)} "
+                        f"(got --softmask {args.softmask}): pick one of those or drop --importance_net")
+    if args.warmup_steps and args.warmup_ratio:
+        raise UserError("give --warmup_steps or --warmup_ratio, not both")
+    if args.lr_scheduler_type == "constant" and args.warmup():
+        raise UserError("--lr_scheduler_type constant has no warm-up: use constant_with_warmup, or drop "
+                        "--warmup_steps/--warmup_ratio")
+    if args.warmup() > args.max_steps:
+        raise UserError(f"{args.warmup()} warm-up steps exceed --max_steps {args.max_steps}: lower the warm-up")
+    if args.tensor_parallel_size != 1:
+        raise UserError("--tensor_parallel_size > 1 is for stage 1 only: stage 3 pushes the policy into one engine "
+                        "per training process; use --tensor_parallel_size 1 (more GPUs: --devices)")
+    low, high = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
+    if None not in (low, high) and low > high:
+        raise UserError(f"--vllm_importance_sampling_clip_min {low} exceeds --vllm_importance_sampling_clip_max "
+                        f"{high}: give a range")
+    try:
+        samplers.check_params(args.sampler, args.sampler_params)
+    except ValueError as err:
+        raise UserError(f"--sampler {args.sampler}: {err}") from err
+    check_precision(args.precision, args.use_peft)
+    if args.use_peft and "fsdp" in args.strategy:
+        raise UserError("--use_peft with --strategy fsdp is not supported (LoRA checkpoints hold the adapter only, "
+                        "which FSDP's sharded save does not): use --strategy ddp, LoRA's trainable state is small")

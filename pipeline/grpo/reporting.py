@@ -1,4 +1,5 @@
-"""Run outputs that survive a resume: metrics/eval CSVs and samples truncated to the checkpoint step."""
+"""Run outputs that survive a resume: metrics/eval CSVs and samples truncated to the checkpoint step,
+and the plots, redrawn at every evaluation so a running or preempted run has them."""
 
 from __future__ import annotations
 
@@ -38,22 +39,44 @@ class RunTable:
         return pd.DataFrame(self.rows)
 
 
+def window_mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics row for the steps since the last (``--logging_steps``, as TRL logs): numbers averaged,
+    ``step`` and anything else from the last step."""
+    row = dict(rows[-1])
+    for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in rows if key in r]
+            row[key] = sum(values) / len(values)
+    return row
+
+
+def refresh_plots(metrics: pd.DataFrame, evals: pd.DataFrame, run_dir: Path) -> None:
+    """learning_curve.png and curriculum.png of the run so far, each replaced atomically."""
+    plot_learning_curve(metrics, evals, run_dir / "learning_curve.png")
+    plot_curriculum(metrics, run_dir / "curriculum.png")
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
 def plot_learning_curve(metrics: pd.DataFrame, evals: pd.DataFrame, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for column in sorted(c for c in metrics.columns if c.startswith("reward_mean/level_")):
-        series = metrics[["step", column]].dropna()
-        left.plot(series["step"], series[column], marker=".", label=column.split("/")[-1])
-    left.plot(metrics["step"], metrics["reward_mean"], color="black", label="all")
+    if not metrics.empty:
+        for column in sorted(c for c in metrics.columns if c.startswith("reward_mean/level_")):
+            series = metrics[["step", column]].dropna()
+            left.plot(series["step"], series[column], marker=".", label=column.split("/")[-1])
+        left.plot(metrics["step"], metrics["reward_mean"], color="black", label="all")
+        left.legend(fontsize=8)
     left.set(title="training reward", xlabel="step", ylabel="mean reward")
-    left.legend(fontsize=8)
     if not evals.empty:
         for level, rows in evals.groupby("level"):
             right.plot(rows["step"], rows["accuracy"], marker="o", label=f"level_{level}")
         right.legend(fontsize=8)
     right.set(title="greedy eval accuracy (held-out prompts)", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_curriculum(metrics: pd.DataFrame, path: Path) -> None:
@@ -65,5 +88,4 @@ def plot_curriculum(metrics: pd.DataFrame, path: Path) -> None:
         ax.legend(fontsize=8, loc="upper left")
     ax.set(title="sampler probabilities", xlabel="step", ylabel="probability", ylim=(0, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

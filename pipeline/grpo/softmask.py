@@ -1,6 +1,8 @@
 """Soft masks: per-token loss weights (B, T) for GRPO, one registered function per mode.
 
-A mode gives raw, non-negative weights; ``finalize`` turns them into the weights the loss uses.
+A mode gives raw, non-negative weights; ``finalize`` turns them into the weights the loss uses:
+rescaled to mean 1 per completion, except for modes registered with ``rescale=False`` (TRL's
+``top_entropy_quantile`` rule, whose 0/1 mask TRL multiplies into the loss as it is).
 Inputs: ``f`` (B, T + 1) is the importance net's f(t) for t = 0..T (f(t) = share of the reward
 variance decided by the first t completion tokens, docs/design.md section 1); ``entropies`` (B, T) is
 the policy's per-token entropy.
@@ -11,20 +13,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 # (completion_mask, f, entropies, entropy_quantile) -> raw weights (B, T), >= 0
 RawWeights = Callable[[Tensor, Tensor | None, Tensor | None, float], Tensor]
 
 SOFTMASKS: dict[str, RawWeights] = {}
+UNSCALED: set[str] = set()  # modes whose raw weights the loss uses as they are
+NEEDS_ENTROPY = ("entropy", "entropy_rescaled")  # modes that need the policy's entropies of this forward
 TOP_FRACTION = 0.2  # weight_stats reports the weight share of each completion's top 20% tokens
 
 
-def register_softmask(name: str) -> Callable[[RawWeights], RawWeights]:
+def register_softmask(name: str, *, rescale: bool = True) -> Callable[[RawWeights], RawWeights]:
+    """``rescale=False``: ``finalize`` keeps the raw weights (no mean-1 rescaling, no uniform fallback)."""
+
     def decorator(fn: RawWeights) -> RawWeights:
         if name in SOFTMASKS:
             raise ValueError(f"soft mask {name!r} is already registered")
         SOFTMASKS[name] = fn
+        if not rescale:
+            UNSCALED.add(name)
         return fn
 
     return decorator
@@ -78,42 +87,80 @@ def remaining_variance(
     return (1 - f[:, :-1]).clamp(min=0)
 
 
-@register_softmask("entropy")
-def high_entropy(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float) -> Tensor:
-    """1 on the top ``entropy_quantile`` tokens of the batch by policy entropy, else 0 (the "80/20" baseline).
+def gather_across_ranks(values: Tensor) -> Tensor:
+    """The 1-D ``values`` of every rank, concatenated (ranks may hold different counts).
 
-    Same rule as TRL's ``get_high_entropy_mask`` with ``top_entropy_quantile``: keep valid tokens
-    with entropy >= the (1 - q) quantile of the valid tokens' entropies (over the local batch;
-    TRL gathers the entropies of all ranks first).
+    TRL's ``pad_across_processes`` + ``gather`` over the default process group (the one Fabric's
+    DDP/FSDP strategies start); the local values when the run is not distributed. Every rank must
+    call it, also one with no values.
     """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    world = dist.get_world_size()
+    count = torch.tensor([values.numel()], device=values.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = values.new_zeros(max(sizes))
+    padded[: values.numel()] = values
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes, strict=True)])
+
+
+def high_entropy_mask(
+    entropies: Tensor | None, mask: Tensor, entropy_quantile: float,
+    gather: Callable[[Tensor], Tensor] = gather_across_ranks,
+) -> Tensor:
+    """TRL's ``get_high_entropy_mask`` with ``top_entropy_quantile``: 1 on the valid tokens whose
+    entropy is >= the (1 - q) quantile of the valid tokens' entropies of all ranks, else 0."""
     if entropies is None or entropies.shape != mask.shape:
         raise ValueError(f"soft mask 'entropy' needs entropies of shape {tuple(mask.shape)}")
     if not 0.0 < entropy_quantile <= 1.0:
         raise ValueError(f"entropy_quantile must be in (0, 1], got {entropy_quantile}")
     valid = mask.bool()
-    if not valid.any():
+    pool = gather(entropies[valid].float())
+    if pool.numel() == 0:
         return torch.zeros_like(mask)
-    threshold = torch.quantile(entropies[valid].float(), 1 - entropy_quantile)
+    threshold = torch.quantile(pool, 1 - entropy_quantile)
     return ((entropies >= threshold) & valid).to(mask.dtype)
 
 
-def finalize(raw: Tensor, mask: Tensor, strength: float) -> Tensor:
+@register_softmask("entropy", rescale=False)
+def top_entropy(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float) -> Tensor:
+    """TRL's "80/20" baseline exactly: the loss keeps the top ``entropy_quantile`` tokens of the step
+    by policy entropy, as they are (a completion with none kept contributes only its KL term)."""
+    return high_entropy_mask(entropies, mask, entropy_quantile)
+
+
+@register_softmask("entropy_rescaled")
+def top_entropy_rescaled(
+    mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float
+) -> Tensor:
+    """The same tokens, rescaled to mean 1 per completion like the other soft masks: it moves credit
+    to a completion's high-entropy tokens without shrinking the loss (none kept: uniform)."""
+    return high_entropy_mask(entropies, mask, entropy_quantile)
+
+
+def finalize(raw: Tensor, mask: Tensor, strength: float, rescale: bool = True) -> Tensor:
     """Rescale raw weights to mean 1 over each completion's valid tokens, then mix with uniform.
 
     w = strength * raw / mean(raw) + (1 - strength), and 0 on padding. Mean 1 per completion keeps
     each completion's total gradient mass, hence the loss scale, the learning rate and TRL's
     normalisers, exactly as in plain GRPO: the mask only moves credit between the tokens of one
     completion (and all-ones weights give the plain loss bit for bit). A completion whose raw
-    weights are all 0 falls back to uniform. The weights are constants for the policy update.
+    weights are all 0 falls back to uniform. ``rescale=False`` skips the rescaling (and the
+    fallback): w = strength * raw + (1 - strength). The weights are constants for the update.
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"soft-mask strength must be in [0, 1], got {strength}")
     raw = raw.detach() * mask
-    num_valid = mask.sum(-1, keepdim=True)
-    mass = raw.sum(-1, keepdim=True)
-    tiny = torch.finfo(raw.dtype).tiny
-    normalised = torch.where(mass > 0, raw * num_valid / mass.clamp(min=tiny), mask)
-    return (strength * normalised + (1 - strength)) * mask
+    if rescale:
+        num_valid = mask.sum(-1, keepdim=True)
+        mass = raw.sum(-1, keepdim=True)
+        tiny = torch.finfo(raw.dtype).tiny
+        raw = torch.where(mass > 0, raw * num_valid / mass.clamp(min=tiny), mask)
+    return (strength * raw + (1 - strength)) * mask
 
 
 def soft_mask_weights(
@@ -125,11 +172,13 @@ def soft_mask_weights(
     entropies: Tensor | None = None,
     entropy_quantile: float = 0.2,
 ) -> Tensor:
-    """Per-token loss weights (B, T) of ``mode``, finalised (mean 1 per completion, 0 on padding)."""
+    """Per-token loss weights (B, T) of ``mode``, finalised (0 on padding; mean 1 per completion
+    unless the mode is in ``UNSCALED``). Under DDP every rank must call it (``entropy`` gathers)."""
     if mode not in SOFTMASKS:
         raise ValueError(f"unknown soft mask {mode!r}; registered: {sorted(SOFTMASKS)}")
     mask = completion_mask.float()
-    return finalize(SOFTMASKS[mode](mask, f, entropies, entropy_quantile), mask, strength)
+    raw = SOFTMASKS[mode](mask, f, entropies, entropy_quantile)
+    return finalize(raw, mask, strength, rescale=mode not in UNSCALED)
 
 
 def weight_stats(weights: Tensor, mask: Tensor) -> dict[str, float]:

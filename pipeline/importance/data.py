@@ -81,6 +81,13 @@ def _require(path: str | Path, names: list[str], needed: list[str]) -> None:
                         f"pass a dump written by generate_paired_rollouts.py")
 
 
+def dump_reward_column(path: str | Path, reward_key: str) -> str:
+    """The column ``--reward_key`` names in the dump, read from its schema (the data is not loaded)."""
+    names = pq.read_schema(dump_files(path)[0]).names
+    _require(path, names, PAIR_COLUMNS + ["reward"])  # every stage-1 dump has the total reward
+    return reward_column(reward_key, names)
+
+
 def load_pairs(path: str | Path, reward_key: str = "reward",
                group_stats: str = "prompt") -> tuple[Pairs, dict[str, int], str]:
     """Every informative pair of the dump, counts of what was read and dropped (and why), the reward column.

@@ -8,6 +8,6 @@ See docs/samplers.md for every sampler, its parameters and formulas.
 """
 
 from pipeline.samplers.base import Sampler
-from pipeline.samplers.registry import ALIASES, SAMPLERS, build, sampler_params
+from pipeline.samplers.registry import ALIASES, SAMPLERS, build, check_params, sampler_params
 
-__all__ = ["ALIASES", "SAMPLERS", "Sampler", "build", "sampler_params"]
+__all__ = ["ALIASES", "SAMPLERS", "Sampler", "build", "check_params", "sampler_params"]

@@ -38,6 +38,11 @@ def _question(prompt: Any) -> str:
     return as_text(users[-1:])
 
 
+def _integers(column: pd.Series) -> bool:
+    numbers = pd.to_numeric(column, errors="coerce")
+    return bool(numbers.notna().all() and (numbers % 1 == 0).all())
+
+
 def load_user_dataset(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     try:
@@ -49,6 +54,9 @@ def load_user_dataset(path: str | Path) -> list[dict[str, Any]]:
                         f"TRL's layout) or a `question` (it has {', '.join(map(str, frame.columns))})")
     if frame.empty:
         raise UserError(f"dataset '{path}' is empty: add rows with a prompt")
+    if "level" in frame and not _integers(frame["level"]):
+        raise UserError(f"dataset '{path}': column 'level' must hold integers (e.g. 0, 1, 2), got "
+                        f"{frame['level'].tolist()[:3]}...: fix the column or drop it")
     name = path.stem
     frame = frame.assign(
         prompt_id=range(len(frame)),
