@@ -50,7 +50,8 @@ from pipeline.importance.train import F_ENDS, run
 @option("last_k", type=POSITIVE_INT, default=1, help="Trainable last layers (--backbone_mode last_k).")
 @option("lora_r", type=POSITIVE_INT, default=8, help="LoRA rank (--backbone_mode lora).")
 @option("lora_alpha", type=POSITIVE_INT, default=16, help="LoRA alpha (--backbone_mode lora).")
-@option("head_hidden", type=NON_NEGATIVE_INT, default=0, help="Hidden width of the head; 0 = linear head.")
+@option("head_hidden", type=NON_NEGATIVE_INT, default=64,
+        help="Hidden width of the head (one GELU layer); 0 = linear head.")
 @option("val_fraction", type=FRACTION, default=0.1, help="Share of prompts held out for validation.")
 @option("max_epochs", type=POSITIVE_INT, default=20)
 @option("patience", type=NON_NEGATIVE_INT, default=5,

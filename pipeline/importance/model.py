@@ -124,8 +124,9 @@ class ImportanceNet(nn.Module):
         if self.uses_states:
             parts.append(F.layer_norm(states, states.shape[-1:]) * (STATE_LEVERAGE / states.shape[-1]))
         if self.uses_position:
-            parts.append(position_features(u).to(self.head_dtype))
-        return self.head(torch.cat(parts, dim=-1)).squeeze(-1)
+            parts.append(position_features(u))
+        with torch.autocast(u.device.type, enabled=False):  # a small head, kept in fp32 under mixed precision
+            return self.head(torch.cat(parts, dim=-1).to(self.head_dtype)).squeeze(-1)
 
     @property
     def head_dtype(self) -> torch.dtype:

@@ -209,7 +209,7 @@ def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_fro
 
 def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "reward", group_stats: str = "prompt",
         likelihood: str = "auto", f_form: str = "monotone", f_end: str = "pinned", features: str = "state+position",
-        backbone_mode: str = "frozen", last_k: int = 1, lora_r: int = 8, lora_alpha: int = 16, head_hidden: int = 0,
+        backbone_mode: str = "frozen", last_k: int = 1, lora_r: int = 8, lora_alpha: int = 16, head_hidden: int = 64,
         val_fraction: float = 0.1, max_epochs: int = 20, patience: int = 5, batch_size: int = 32, lr: float = 1e-2,
         weight_decay: float = 0.01, backbone_lr: float = 1e-4, precision: str = "32-true",
         devices: str | int = 1, accelerator: str = "auto", seed: int = 0, run_name: str | None = None,
