@@ -20,7 +20,8 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.importance import load
-from pipeline.importance.train import _checkpoints
+from pipeline.importance.model import FeatureCache
+from pipeline.importance.train import _checkpoints, run
 from pipeline.models import load_tokenizer
 from tests.synthetic_dump import LENGTH, TRUTHS, held_out, write_synthetic_dump
 from train_importance_net import main
@@ -157,6 +158,24 @@ def test_never_worse_than_the_constant(model_dir, tmp_path):
     assert meta["chosen"] == "constant" and meta["final"]["gain"] == 0.0
     f = load(run_dir / "export").score([1, 90], [60, 250, 61])
     assert f.tolist() == pytest.approx([0.0, meta["baseline_f"], meta["baseline_f"], 1.0])
+
+
+def test_runs_sharing_a_feature_cache(model_dir, tmp_path):
+    """Several recipes on one dump share the frozen body's prefix states (the recipe benchmark); a
+    position-only head neither reads nor fills that cache, and a second state run computes nothing."""
+    dump = write_synthetic_dump(tmp_path / "synthetic" / "tiny" / "rollouts_c.parquet", load_tokenizer(model_dir),
+                                model_dir, n_prompts=16, groups_per_prompt=2)
+    cache = FeatureCache("all")
+    common = {"report_examples": 0, "max_epochs": 1, "feature_cache": cache}
+    first = run(dump, backbone=model_dir, run_name="states", **common)
+    cached = len(cache)
+    assert cached > 0
+    position = run(dump, backbone=model_dir, run_name="position", features="position", **common)
+    again = run(dump, backbone=model_dir, run_name="again", **common)
+    assert len(cache) == cached and position["gain"] >= 0 and again["loss"] == pytest.approx(first["loss"])
+    metas = [json.loads((tmp_path / "synthetic" / "tiny" / "importance_net" / name / "metadata.json").read_text())
+             for name in ("states", "position", "again")]
+    assert [m["features_computed_rank0"] for m in metas] == [cached, 0, 0]
 
 
 def test_config_resume_and_refusals(model_dir, tmp_path):

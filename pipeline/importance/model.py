@@ -188,6 +188,8 @@ class ImportanceModule(L.LightningModule):
     def _prefix_states(self, batch: dict[str, Any]) -> list[Tensor]:
         """Per pair, its prefix states (t, H) (or (1, H), the last, for the direct form); frozen ones cached."""
         prompts, prefixes = batch["prompt"], batch["prefix"]
+        if not self.net.uses_states:  # a position-only head: no forward, nothing to cache (or to read from a cache)
+            return [torch.zeros(len(p), 0, device=self.device) for p in prefixes]
         if self.net.config.backbone_mode != "frozen":
             states = self.net.states(prompts, prefixes)
             return [states[i, : len(p)] for i, p in enumerate(prefixes)]
@@ -203,7 +205,7 @@ class ImportanceModule(L.LightningModule):
         return [self.features.rows[k] if len(p) else self._empty() for k, p in zip(keys, prefixes, strict=True)]
 
     def _empty(self) -> Tensor:
-        return torch.zeros(0, self.net.body.config.hidden_size if self.net.uses_states else 0, device=self.device)
+        return torch.zeros(0, self.net.body.config.hidden_size, device=self.device)
 
     def pair_f(self, batch: dict[str, Any]) -> Tensor:
         """f(t) of each pair at its split t (0 where t = 0: the pinned start)."""
