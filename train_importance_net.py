@@ -7,12 +7,26 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import config_option, option, run_stage, stage_command
+from pipeline.cli import (
+    ACCELERATOR,
+    DEVICES,
+    FRACTION,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    PRECISION,
+    RUN_NAME,
+    config_option,
+    option,
+    report_to_option,
+    run_stage,
+    stage_command,
+)
 from pipeline.importance.data import GROUP_STATS
 from pipeline.importance.forms import FORMS
 from pipeline.importance.loss import LIKELIHOODS, UNITS
-from pipeline.importance.model import BACKBONE_MODES
-from pipeline.importance.train import F_ENDS, PRECISIONS, run
+from pipeline.importance.model import BACKBONE_MODES, FEATURES
+from pipeline.importance.train import F_ENDS, run
 
 
 @stage_command()
@@ -30,29 +44,34 @@ from pipeline.importance.train import F_ENDS, PRECISIONS, run
         help="monotone: f = 1 - prod(1 - hazard) never falls; direct: f = sigmoid(head) at each position.")
 @option("f_end", type=click.Choice(F_ENDS), default="pinned",
         help="pinned: f(len) = 1 (reward a function of the text); learnt: from the head (noisy rewards).")
-@option("position_features", type=bool, default=True,
-        help="Give the head a basis of the position in the completion (true/false).")
+@option("features", type=click.Choice(FEATURES), default="state+position",
+        help="What the head sees per completion token: its hidden state, a basis of its position, or both.")
 @option("backbone_mode", type=click.Choice(BACKBONE_MODES), default="frozen", help="What of the backbone trains.")
-@option("last_k", type=int, default=1, help="Trainable last layers (--backbone_mode last_k).")
-@option("lora_r", type=int, default=8, help="LoRA rank (--backbone_mode lora).")
-@option("lora_alpha", type=int, default=16, help="LoRA alpha (--backbone_mode lora).")
-@option("head_hidden", type=int, default=0, help="Hidden width of the head; 0 = linear head.")
-@option("val_fraction", type=float, default=0.1, help="Share of prompts held out for validation.")
-@option("max_epochs", type=int, default=20)
-@option("patience", type=int, default=3, help="Stop after this many epochs without a better val loss; 0 = never.")
-@option("batch_size", type=int, default=32, help="Pairs per batch.")
-@option("lr", type=float, default=1e-2, help="Learning rate of the head.")
-@option("weight_decay", type=float, default=0.01, help="AdamW weight decay of the head's (and trained body's) weights.")
-@option("backbone_lr", type=float, default=1e-4, help="Learning rate of trainable backbone weights.")
-@option("precision", type=click.Choice(PRECISIONS), default="32-true")
-@option("devices", default="1", help="Lightning devices: a count, 'auto', or ids like 0,1.")
-@option("accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
-@option("seed", type=int, default=0)
-@option("run_name", default=None, help="Run directory name [default: <mode>-<reward column>-<group_stats>].")
+@option("last_k", type=POSITIVE_INT, default=1, help="Trainable last layers (--backbone_mode last_k).")
+@option("lora_r", type=POSITIVE_INT, default=8, help="LoRA rank (--backbone_mode lora).")
+@option("lora_alpha", type=POSITIVE_INT, default=16, help="LoRA alpha (--backbone_mode lora).")
+@option("head_hidden", type=NON_NEGATIVE_INT, default=64,
+        help="Hidden width of the head (one GELU layer); 0 = linear head.")
+@option("val_fraction", type=FRACTION, default=0.1, help="Share of prompts held out for validation.")
+@option("max_epochs", type=POSITIVE_INT, default=20)
+@option("patience", type=NON_NEGATIVE_INT, default=5,
+        help="Stop after this many epochs without a better val loss; 0 = never.")
+@option("batch_size", type=POSITIVE_INT, default=32, help="Pairs per batch.")
+@option("lr", type=NON_NEGATIVE_FLOAT, default=1e-2, help="Learning rate of the head.")
+@option("weight_decay", type=NON_NEGATIVE_FLOAT, default=0.01,
+        help="AdamW weight decay of the head's (and trained body's) weights.")
+@option("backbone_lr", type=NON_NEGATIVE_FLOAT, default=1e-4, help="Learning rate of trainable backbone weights.")
+@option("precision", type=PRECISION, default="32-true", help="Lightning precision: 32-true, bf16-mixed, ...")
+@option("devices", type=DEVICES, default="1", help="Lightning devices: a count, auto, -1, or ids like 0,1.")
+@option("accelerator", type=ACCELERATOR, default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
+@option("seed", type=NON_NEGATIVE_INT, default=0)
+@option("run_name", type=RUN_NAME, default=None,
+        help="Run directory name [default: <mode>-<reward column>-<group_stats>].")
 @option("out_dir", type=click.Path(file_okay=False), default=None,
         help="Parent of the run directory [default: <dump's model dir>/importance_net].")
 @option("resume", is_flag=True, help="Continue the run from its last checkpoint.")
-@option("report_examples", type=int, default=8, help="Validation completions in report.html; 0 = no report.")
+@option("report_examples", type=NON_NEGATIVE_INT, default=8, help="Validation completions in report.html; 0 = no report.")
+@report_to_option
 @run_stage
 def main(**kwargs) -> None:
     """Train f_theta(t) = Corr(R1, R2 | shared prefix of t tokens) by maximum likelihood on paired rollouts."""

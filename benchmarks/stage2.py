@@ -110,7 +110,7 @@ def train(ctx: Context, dump_path: Path, cfg: Config) -> dict[str, Any]:
         "pairs_per_s_fit": ratio(trained_pairs, fit_time.get("s", float("nan"))),
         "pairs_per_s_end_to_end": ratio(trained_pairs, total.seconds),
         "reward_key": stage1.BENCH_REWARD, "informative_pairs_with_task_reward": task_reward_pairs,
-        "val_nll": result.get("nll"), "val_gain": result.get("gain"),
+        "val_loss": result.get("loss"), "val_gain": result.get("gain"), "val_likelihood": result.get("likelihood"),
     }
 
 

@@ -1,4 +1,4 @@
-"""The paired sampling scheme (DESIGN.md section 4), group statistics, and the chunked writer.
+"""The paired sampling scheme (docs/design.md sections 4-5), group statistics, and the chunked writer.
 
 For each pair the split point t is drawn *before* looking at the sister it splits: uniform on
 0..t_max, where t_max is a length quantile of the sister-A completions of the *other* prompts in

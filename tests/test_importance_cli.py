@@ -61,6 +61,11 @@ def test_missing_rollouts_and_bad_options_are_refused(tiny_model_dir, tmp_path):
     dump = _dump(tiny_model_dir, tmp_path)
     _fails(["--rollouts", str(dump), "--reward_key", "nope"], r"--reward_key 'nope'.*reward_marker")
     assert not (dump.parents[1] / "importance_net").exists()
+    _fails(["--rollouts", str(dump), "--likelihood", "bernoulli"],
+           r"--likelihood bernoulli needs a 0/1 reward column, but 'reward' has other values")
+    _fails(["--rollouts", str(dump), "--patience", "-1"], r"--patience.*-1 is not in the range x>=0")
+    _fails(["--rollouts", str(dump), "--f_form", "wavy"], r"'wavy' is not one of 'direct', 'monotone'")
+    assert not (dump.parents[1] / "importance_net").exists()
     result = CliRunner().invoke(main, ["--rollouts", str(dump), "--backbone_mode", "last_k", "--last_k", "5"])
     assert result.exit_code == 2 and result.stderr.splitlines()[-1].startswith("error: --last_k must be in 1..2")
     assert not (dump.parents[1] / "importance_net").exists()

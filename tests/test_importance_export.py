@@ -191,3 +191,22 @@ def test_export_is_readable_by_others(tiny_model_dir, tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
     assert {stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {0o666 & ~umask}
+
+
+def test_position_only_features_give_every_completion_the_same_curve(tiny_model_dir):
+    scorer = ImportanceScorer(_net(tiny_model_dir, features="position"), _info(tiny_model_dir))
+    a, b = scorer.score([PROMPTS[0], PROMPTS[2]], [[60, 61, 250, 70, 71], [80, 81, 82, 83, 84]])
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a[1:-1] > 0).all() and a[-1].item() == 1.0
+
+
+def test_head_stays_fp32_under_mixed_precision(tiny_model_dir):
+    """Under bf16 autocast (``--precision bf16-mixed``) the head still computes in fp32: same f to 1e-6."""
+    net = _net(tiny_model_dir, head_hidden=8)
+    states = torch.randn(2, 5, net.body.config.hidden_size)
+    u = torch.arange(1, 6).expand(2, 5)
+    plain = net.logits(states, u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = net.logits(states, u)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, atol=1e-6, rtol=0)

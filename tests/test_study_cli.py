@@ -79,6 +79,23 @@ def test_a_study_directory_made_from_another_file_is_refused(tiny_model_dir, tmp
     assert not runs.exists()
 
 
+def test_a_study_grows_by_arms_and_seeds(tiny_model_dir, tmp_path):
+    """Adding an arm or a seed keeps the study (its finished runs stay valid); changing an arm does not."""
+    prepare(build_plan(load_study(_study(tmp_path, tiny_model_dir, arms={"none": {}}, seeds=[0]))))
+    study_json = tmp_path / "out/arithmetic/tiny-llama/studies/planted/study.json"
+    created = json.loads(study_json.read_text())["created"]
+    grown = load_study(_study(tmp_path, tiny_model_dir, arms={"none": {}, "delta": {"softmask": "delta"}},
+                              seeds=[0, 1]))
+    prepare(build_plan(grown))
+    recorded = json.loads(study_json.read_text())
+    assert recorded["study"]["arms"] == {"none": {}, "delta": {"softmask": "delta"}}
+    assert recorded["study"]["seeds"] == [0, 1] and recorded["created"] == created and "grown" in recorded
+    changed = _study(tmp_path, tiny_model_dir, arms={"none": {"softmask": "delta"}}, seeds=[0, 1])
+    assert "(differs in: arms)" in _one_error_line(_invoke("--study", str(changed), "--aggregate"))
+    fewer = _study(tmp_path, tiny_model_dir, arms={"none": {}, "delta": {"softmask": "delta"}}, seeds=[1])
+    assert "(differs in: seeds)" in _one_error_line(_invoke("--study", str(fewer), "--aggregate"))
+
+
 def _fake_export(tmp_path: Path, gain: float) -> Path:
     export = tmp_path / "imp" / "run" / "export"
     export.mkdir(parents=True)

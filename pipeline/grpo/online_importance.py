@@ -133,12 +133,13 @@ class OnlineHead(nn.Module):
         self.head = make_head(hidden_size, config)
 
     def logits(self, states: Tensor, u: Tensor) -> Tensor:
-        return head_logits(self.head, states.float(), u, self.config.position_features)
+        return head_logits(self.head, states.float(), u, self.config.features)
 
     def state_norm(self) -> Tensor:
         """Squared norm of the first layer's weights on the hidden state (not on the position basis)."""
         first = self.head if isinstance(self.head, nn.Linear) else self.head[0]
-        return first.weight[:, :self.hidden_size].square().sum()
+        width = self.hidden_size if "state" in self.config.features else 0
+        return first.weight[:, :width].square().sum()
 
     def curve(self, states: Tensor, lengths: Tensor) -> Tensor:
         """(B, T + 1) f(0..T) from the states (B, T + 1, H) of right-padded completions of ``lengths`` tokens."""
@@ -300,7 +301,7 @@ class OnlineImportance:
                  "relative": split / length.clamp(min=1)}
         device = next(self.head.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        batch["inputs"] = head_inputs(states.to(device).float(), batch["u"], self.head.config.position_features)
+        batch["inputs"] = head_inputs(states.to(device).float(), batch["u"], self.head.config.features)
         return batch
 
     def _pair_f(self, batch: dict[str, Tensor]) -> Tensor:

@@ -4,7 +4,7 @@ A mode gives raw, non-negative weights; ``finalize`` turns them into the weights
 rescaled to mean 1 per completion, except for modes registered with ``rescale=False`` (TRL's
 ``top_entropy_quantile`` rule, whose 0/1 mask TRL multiplies into the loss as it is).
 Inputs: ``f`` (B, T + 1) is the importance net's f(t) for t = 0..T (f(t) = share of the reward
-variance decided by the first t completion tokens, design section 1); ``entropies`` (B, T) is
+variance decided by the first t completion tokens, docs/design.md section 1); ``entropies`` (B, T) is
 the policy's per-token entropy.
 """
 

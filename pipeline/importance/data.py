@@ -46,7 +46,7 @@ def reward_column(reward_key: str, columns: list[str]) -> str:
 class Pairs:
     """Parallel per-pair arrays (sister A's completion holds the shared prefix)."""
 
-    index: np.ndarray  # position in the full pair list: a stable key for caches
+    index: np.ndarray  # group_id * 2^16 + pair_id: a key for caches, the same whatever pairs another run keeps
     prompt_id: np.ndarray
     group_id: np.ndarray
     split: np.ndarray  # t, the number of shared completion tokens
@@ -127,8 +127,9 @@ def load_pairs(path: str | Path, reward_key: str = "reward",
     _check_prefixes(path, prompt, completion, [np.asarray(c) for c in b["completion_token_ids"]], split)
     std = np.sqrt(a["v"].to_numpy())
     m = a["m"].to_numpy()
-    pairs = Pairs(index=np.arange(len(a)), prompt_id=a["prompt_id"].to_numpy(),
-                  group_id=a.index.get_level_values("group_id").to_numpy(), split=split,
+    group_id = a.index.get_level_values("group_id").to_numpy()
+    pair_key = group_id.astype(np.int64) * 2**16 + a.index.get_level_values("pair_id").to_numpy().astype(np.int64)
+    pairs = Pairs(index=pair_key, prompt_id=a["prompt_id"].to_numpy(), group_id=group_id, split=split,
                   prompt=prompt, completion=completion, r1=a[column].to_numpy(), r2=b[column].to_numpy(), mean=m,
                   z1=(a[column].to_numpy() - m) / std, z2=(b[column].to_numpy() - m) / std)
     return pairs, counts, column

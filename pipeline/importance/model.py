@@ -2,13 +2,12 @@
 
 Only the decoder body runs: f is read from hidden states, so the LM's vocabulary logits (the
 costliest layer of a small model) are never computed. The head sees each completion token's
-hidden state (layer-normalised) and, by default, a basis of its position in the completion
-(``forms.position_features``); ``forms`` turns its outputs into f(0..L).
+hidden state (layer-normalised) and a basis of its position in the completion
+(``forms.position_features``), or either alone (``FEATURES``); ``forms`` turns its outputs into f(0..L).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +26,8 @@ from pipeline.importance.states import TokenIds, completion_states
 from pipeline.models import load_causal_lm
 
 BACKBONE_MODES = ("frozen", "last_k", "lora")
+FEATURES = ("state+position", "state", "position")  # what the head sees at each completion position
+STATE_LEVERAGE = 4.0  # the state block moves a(u) this many times faster than the position basis (measured)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class NetConfig:
     head_hidden: int = 0  # 0: a linear head; > 0: one hidden layer of that width
     form: str = "monotone"  # forms.FORMS
     pin_end: bool = True  # f(len) = 1; False: f(len) comes from the head like every other position
-    position_features: bool = True
+    features: str = "state+position"  # FEATURES
     constant: float | None = None  # set when the best candidate on validation was the constant f: f = it for 0 < t
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,8 +58,8 @@ def _layers(body: nn.Module) -> nn.ModuleList:
 
 
 def make_head(hidden_size: int, config: NetConfig) -> nn.Module:
-    """The head on [norm(h_u), position basis of u]: linear, or one hidden layer of ``config.head_hidden``."""
-    width = hidden_size + (len(KNOTS) if config.position_features else 0)
+    """The head on ``head_inputs``: linear, or one hidden layer of ``config.head_hidden``."""
+    width = (hidden_size if "state" in config.features else 0) + (len(KNOTS) if "position" in config.features else 0)
     if config.head_hidden <= 0:
         return nn.Linear(width, 1)
     return nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
@@ -72,21 +73,27 @@ def start_head(head: nn.Module, form: str, value: float) -> None:
         last.bias.fill_(initial_bias(form, value))
 
 
-def head_inputs(states: Tensor, u: Tensor, with_positions: bool) -> Tensor:
-    """What the head reads (..., H [+ len(KNOTS)]) from states (..., H) at completion positions u (...)."""
-    x = F.layer_norm(states, states.shape[-1:])
-    if with_positions:
-        # x sqrt(H): under Adam each weight moves about lr per step, so H unit-scale state coordinates move
-        # the logit ~sqrt(H) times faster than the 1-2 active position weights would; this evens it out
-        # (measured: without it, a step in position is learnt as a ramp).
-        basis = position_features(u).to(x.dtype) * math.sqrt(states.shape[-1])
-        x = torch.cat([x, basis], dim=-1)
-    return x
+def head_inputs(states: Tensor, u: Tensor, features: str) -> Tensor:
+    """What the head reads at completion positions u (...) from states (..., H): stage 2's net and stage 3's
+    online head (``pipeline.grpo.online_importance``) alike."""
+    # Under Adam every weight moves about lr per step, so a block of n inputs of size s moves a(u) by up to
+    # ~lr * n * s per step. The normalised state divided by H (n = H, s ~ 1/H) and the position basis (two
+    # active inputs summing to 1) both move it ~lr per step, whatever the backbone's width: one lr suits
+    # every backbone and neither block outruns the other (measured: with raw states, a step in position was
+    # learnt as a ramp, and a 576-wide state overfitted a 2,000-pair dump within one epoch).
+    parts = []
+    if "state" in features:
+        parts.append(F.layer_norm(states, states.shape[-1:]) * (STATE_LEVERAGE / states.shape[-1]))
+    if "position" in features:
+        parts.append(position_features(u))
+    return torch.cat(parts, dim=-1)
 
 
-def head_logits(head: nn.Module, states: Tensor, u: Tensor, with_positions: bool) -> Tensor:
-    """a(u) (...) from states (..., H) at completion positions u (...): stage 2's net and stage 3's online head."""
-    return head(head_inputs(states, u, with_positions)).squeeze(-1)
+def head_logits(head: nn.Module, states: Tensor, u: Tensor, features: str) -> Tensor:
+    """a(u) (...) from states (..., H) at completion positions u (...); the small head kept in fp32 under mixed
+    precision."""
+    with torch.autocast(u.device.type, enabled=False):
+        return head(head_inputs(states, u, features).to(next(head.parameters()).dtype)).squeeze(-1)
 
 
 class ImportanceNet(nn.Module):
@@ -98,6 +105,8 @@ class ImportanceNet(nn.Module):
             raise UserError(f"--backbone_mode must be one of {', '.join(BACKBONE_MODES)}, got '{config.backbone_mode}'")
         if config.form not in FORMS:
             raise UserError(f"--f_form must be one of {', '.join(FORMS)}, got '{config.form}'")
+        if config.features not in FEATURES:
+            raise UserError(f"--features must be one of {', '.join(FEATURES)}, got '{config.features}'")
         self.config = config
         self.body = load_causal_lm(config.backbone).get_decoder()
         self.body.requires_grad_(False)
@@ -111,6 +120,7 @@ class ImportanceNet(nn.Module):
         elif config.backbone_mode == "lora":
             lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear")
             inject_adapter_in_model(lora, self.body)
+        self.uses_states = "state" in config.features
         self.head = make_head(self.body.config.hidden_size, config)
 
     def train(self, mode: bool = True) -> ImportanceNet:
@@ -130,12 +140,15 @@ class ImportanceNet(nn.Module):
         return next(self.parameters()).device
 
     def states(self, prompts: Sequence[TokenIds], completions: Sequence[TokenIds]) -> Tensor:
-        """(R, W, H) hidden states at the completion tokens (one forward per distinct prompt)."""
+        """(R, W, H) hidden states at the completion tokens (one forward per distinct prompt); (R, W, 0) and
+        no forward at all when the head reads positions only."""
+        if not self.uses_states:
+            return torch.zeros(len(completions), max((len(c) for c in completions), default=0), 0, device=self.device)
         return completion_states(self.body, prompts, completions, self.device)
 
     def logits(self, states: Tensor, u: Tensor) -> Tensor:
         """a(u) (R, W) from states (R, W, H) at completion positions u (R, W), u = tokens in the prefix."""
-        return head_logits(self.head, states, u, self.config.position_features)
+        return head_logits(self.head, states, u, self.config.features)
 
     def inner_f(self, states: Tensor, u: Tensor) -> Tensor:
         """f(u) (R, W) of the form at positions u, before the ends are pinned."""
@@ -193,6 +206,8 @@ class ImportanceModule(L.LightningModule):
     def _prefix_states(self, batch: dict[str, Any]) -> list[Tensor]:
         """Per pair, its prefix states (t, H) (or (1, H), the last, for the direct form); frozen ones cached."""
         prompts, prefixes = batch["prompt"], batch["prefix"]
+        if not self.net.uses_states:  # a position-only head: no forward, nothing to cache (or to read from a cache)
+            return [torch.zeros(len(p), 0, device=self.device) for p in prefixes]
         if self.net.config.backbone_mode != "frozen":
             states = self.net.states(prompts, prefixes)
             return [states[i, : len(p)] for i, p in enumerate(prefixes)]

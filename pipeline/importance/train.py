@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import time
 import warnings
@@ -19,13 +18,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline.artifacts import ensure_writable_dir, now_iso, provenance, write_json
+from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, read_json, write_json
+from pipeline.cli import check_lightning, lightning_devices
 from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
-from pipeline.importance.data import PairDataModule, Pairs
+from pipeline.importance.data import PairDataModule, Pairs, dump_reward_column
 from pipeline.importance.export import load, save_export
 from pipeline.importance.forms import FORMS, constant_hazard_curve
 from pipeline.importance.loss import (
@@ -39,15 +39,15 @@ from pipeline.importance.metrics import TABLES, TableWriter
 from pipeline.importance.model import FeatureCache, ImportanceModule, NetConfig
 from pipeline.importance.plots import plot_calibration, plot_f_by_position
 from pipeline.importance.report import Example, write_report
-from pipeline.models import GGUF_ALIASES, load_tokenizer
+from pipeline.models import GGUF_ALIASES, load_config, load_tokenizer
+from pipeline.trackers import make_loggers, parse_report_to
 
 log = logging.getLogger(__name__)
 
 # A resumed run must see the same data and network as the one it continues.
 IDENTITY_ARGS = ("rollouts", "backbone", "reward_key", "group_stats", "val_fraction", "seed", "backbone_mode",
-                 "last_k", "lora_r", "lora_alpha", "head_hidden", "likelihood", "f_form", "f_end", "position_features")
+                 "last_k", "lora_r", "lora_alpha", "head_hidden", "likelihood", "f_form", "f_end", "features")
 F_ENDS = ("pinned", "learnt")
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 LAST_CKPT = "last.ckpt"
 
 
@@ -117,20 +117,19 @@ def _check_run_dir(run_dir: Path, resume: bool, identity: dict[str, Any]) -> Non
         log.info("--resume: no checkpoint in '%s' yet, starting the run from the beginning", run_dir)
         return
     meta_path = run_dir / "metadata.json"
-    previous = json.loads(meta_path.read_text()).get("arguments", {}) if meta_path.is_file() else {}
+    previous = read_json(meta_path, "restore it, or pass a new --run_name").get("arguments", {}) \
+        if meta_path.is_file() else {}
     changed = [k for k in IDENTITY_ARGS if k in previous and previous[k] != identity[k]]
     if changed:
         raise UserError(f"--resume: {', '.join(changed)} differ from the run in '{run_dir}': resume with "
                         f"the same values, or pass a new --run_name")
 
 
-def _devices(value: str | int) -> int | str | list[int]:
-    text = str(value).strip()
-    if text.isdigit():
-        return int(text)
-    if "," in text:
-        return [int(x) for x in text.split(",") if x.strip()]
-    return text
+def _check_last_k(backbone: str, backbone_mode: str, last_k: int) -> None:
+    """--last_k against the backbone's depth, from its config, before the weights load."""
+    layers = getattr(load_config(backbone), "num_hidden_layers", None) if backbone_mode == "last_k" else None
+    if layers is not None and not 1 <= last_k <= layers:
+        raise UserError(f"--last_k must be in 1..{layers} for this backbone, got {last_k}")
 
 
 def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
@@ -145,7 +144,8 @@ def _targets(pairs: Pairs) -> dict[str, np.ndarray]:
 
 
 def starting_point(form: str, likelihood: str, split: np.ndarray, targets: dict[str, np.ndarray]) -> tuple[float, float]:
-    """(baseline f, initial value of the head) fitted on the training pairs.
+    """(baseline f, initial value of the head) fitted on the training pairs (their splits and targets; stage 3's
+    online head calls it too).
 
     The baseline is the best constant for t > 0 (f(0) = 0 is pinned for every model, so pairs at t = 0
     carry no information about it). The direct form starts at it; the monotone form starts at the best
@@ -164,7 +164,7 @@ def starting_point(form: str, likelihood: str, split: np.ndarray, targets: dict[
 
 
 def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_from: Path | None, patience: int,
-         **trainer_args: Any) -> tuple[L.Trainer, str]:
+         trackers: list[Logger], **trainer_args: Any) -> tuple[L.Trainer, str]:
     """Fit (or continue) the run and keep the best candidate on validation loss: the constant baseline, the
     network at its start, or the best epoch's, so the result is never worse than the constant on
     validation. Returns the trainer and the choice."""
@@ -177,7 +177,7 @@ def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_fro
     if patience > 0:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=patience))
     # use_distributed_sampler=False: the datamodule shards pairs itself (fixed shards, unpadded validation)
-    trainer = L.Trainer(logger=ResumableCSVLogger(run_dir, name="", version=""),
+    trainer = L.Trainer(logger=[ResumableCSVLogger(run_dir, name="", version=""), *trackers],
                         callbacks=callbacks, enable_progress_bar=True,
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
                         default_root_dir=run_dir, use_distributed_sampler=False, **trainer_args)
@@ -209,21 +209,20 @@ def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_fro
 
 
 def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "reward", group_stats: str = "prompt",
-        likelihood: str = "auto", f_form: str = "monotone", f_end: str = "pinned", position_features: bool = True,
-        backbone_mode: str = "frozen", last_k: int = 1, lora_r: int = 8, lora_alpha: int = 16, head_hidden: int = 0,
-        val_fraction: float = 0.1, max_epochs: int = 20, patience: int = 3, batch_size: int = 32, lr: float = 1e-2,
+        likelihood: str = "auto", f_form: str = "monotone", f_end: str = "pinned", features: str = "state+position",
+        backbone_mode: str = "frozen", last_k: int = 1, lora_r: int = 8, lora_alpha: int = 16, head_hidden: int = 64,
+        val_fraction: float = 0.1, max_epochs: int = 20, patience: int = 5, batch_size: int = 32, lr: float = 1e-2,
         weight_decay: float = 0.01, backbone_lr: float = 1e-4, precision: str = "32-true",
         devices: str | int = 1, accelerator: str = "auto", seed: int = 0, run_name: str | None = None,
         out_dir: str | Path | None = None, resume: bool = False, report_examples: int = 8,
-        feature_cache: FeatureCache | None = None) -> dict[str, Any]:
+        report_to: tuple[str, ...] = ("csv",), feature_cache: FeatureCache | None = None) -> dict[str, Any]:
     """Train the importance network on a stage-1 dump; returns the run summary (also in metadata.json).
 
     ``feature_cache``: a frozen backbone's prefix states shared by several runs in one process (the
     recipe measurements); each run computes its own otherwise.
     """
     started, t0 = now_iso(), time.time()
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    check_lightning(quiet=True, accelerator=accelerator, devices=devices, precision=precision)
     if f_form not in FORMS:
         raise UserError(f"--f_form must be one of {', '.join(FORMS)}, got '{f_form}'")
     if f_end not in F_ENDS:
@@ -231,14 +230,33 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     if patience < 0:
         raise UserError(f"--patience must be >= 0 (0: no early stopping), got {patience}")
     meta = read_metadata(rollouts)
-    log.info("rollouts '%s': %s", rollouts, schema_version(rollouts, meta))
+    version = schema_version(rollouts, meta)
     backbone = backbone or meta.get("model_name")
     if not backbone:
         raise UserError(f"rollouts '{rollouts}' record no model_name: pass --backbone")
+    check_writable(default_run_dir(rollouts, run_name or "run", out_dir).parent)
+    _check_last_k(backbone, backbone_mode, last_k)
     tokenizer = load_tokenizer(backbone)
     fingerprint = tokenizer_fingerprint(tokenizer)
     check_tokenizer(meta, fingerprint, backbone, rollouts)
+    run_name = run_name or f"{backbone_mode}-{dump_reward_column(rollouts, reward_key)}-{group_stats}"
+    run_dir = default_run_dir(rollouts, run_name, out_dir)
+    trackers = make_loggers(report_to, run_dir, run_name)
+    args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
+            "group_stats": group_stats, "likelihood": likelihood, "f_form": f_form, "f_end": f_end,
+            "features": features, "backbone_mode": backbone_mode, "last_k": last_k,
+            "lora_r": lora_r, "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
+            "max_epochs": max_epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "backbone_lr": backbone_lr, "precision": precision, "devices": str(devices),
+            "accelerator": accelerator, "seed": seed, "run_name": run_name,
+            "out_dir": str(out_dir) if out_dir else None, "resume": resume, "report_examples": report_examples,
+            "report_to": list(parse_report_to(report_to))}
+    is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
+    if is_rank_zero:
+        _check_run_dir(run_dir, resume, args)
+    resume_from = _checkpoints(run_dir)[-1] if resume and _checkpoints(run_dir) else None
 
+    log.info("rollouts '%s': %s", rollouts, version)
     L.seed_everything(seed, verbose=False)
     dm = PairDataModule(rollouts, reward_key, group_stats, val_fraction, batch_size, seed)
     dm.setup()
@@ -247,25 +265,10 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
                         f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
     resolved = resolve_likelihood(likelihood, is_binary(dm.train.r1, dm.train.r2, dm.val.r1, dm.val.r2),
                                   dm.reward_column)
-    run_name = run_name or f"{backbone_mode}-{dm.reward_column}-{group_stats}"
-    run_dir = default_run_dir(rollouts, run_name, out_dir)
-    args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
-            "group_stats": group_stats, "likelihood": resolved, "f_form": f_form, "f_end": f_end,
-            "position_features": position_features, "backbone_mode": backbone_mode, "last_k": last_k,
-            "lora_r": lora_r, "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
-            "max_epochs": max_epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
-            "weight_decay": weight_decay, "backbone_lr": backbone_lr, "precision": precision, "devices": str(devices),
-            "accelerator": accelerator, "seed": seed, "run_name": run_name,
-            "out_dir": str(out_dir) if out_dir else None, "resume": resume, "report_examples": report_examples}
-
-    is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
-    if is_rank_zero:
-        _check_run_dir(run_dir, resume, args)
-    resume_from = _checkpoints(run_dir)[-1] if resume and _checkpoints(run_dir) else None
 
     baseline_f, init_value = starting_point(f_form, resolved, dm.train.split, _targets(dm.train))
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden, f_form,
-                           f_end == "pinned", position_features)
+                           f_end == "pinned", features)
     module = ImportanceModule(net_config.to_dict(), resolved, init_value, baseline_f, lr, backbone_lr, weight_decay,
                               feature_cache=feature_cache)
     if is_rank_zero and resume_from is None:
@@ -278,8 +281,8 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
                 "started": started, **provenance()}
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
-    trainer, chosen = _fit(module, dm, run_dir, resume_from, patience, max_epochs=max_epochs, accelerator=accelerator,
-                           devices=_devices(devices), precision=precision)
+    trainer, chosen = _fit(module, dm, run_dir, resume_from, patience, trackers, max_epochs=max_epochs,
+                           accelerator=accelerator, devices=lightning_devices(devices), precision=precision)
     final = module.val_summary
     if not is_rank_zero:
         return final

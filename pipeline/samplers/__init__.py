@@ -1,4 +1,4 @@
-"""Curriculum samplers (DESIGN.md section 6): pure Python/NumPy, reward feedback, exact resume.
+"""Curriculum samplers (docs/samplers.md): pure Python/NumPy, reward feedback, exact resume.
 
     sampler = build(name, rows, batch_size=B, total_steps=T, seed=s, **params)
     idx = sampler.next_batch(); sampler.update(idx, rewards); sampler.probabilities()

@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline import artifacts
 from pipeline.errors import UserError
@@ -47,14 +48,27 @@ def importance_done(run_dir: Path) -> bool:
             and json.loads(meta.read_text()).get("status") == "done")
 
 
+def _growth_only(recorded: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """The keys where ``mine`` differs from ``recorded`` other than by new arms or new seeds: a study may
+    grow (its finished runs stay valid), not change."""
+    changed = sorted(k for k in set(recorded) | set(mine) if recorded.get(k) != mine.get(k))
+    old_arms, new_arms = recorded.get("arms") or {}, mine.get("arms") or {}
+    if "arms" in changed and all(new_arms.get(name) == arm for name, arm in old_arms.items()):
+        changed.remove("arms")
+    if "seeds" in changed and set(recorded.get("seeds") or []) <= set(mine.get("seeds") or []):
+        changed.remove("seeds")
+    return changed
+
+
 def check_study_dir(plan: StudyPlan) -> None:
-    """Refuse a study directory that was made from another study file (same name, other settings)."""
+    """Refuse a study directory that was made from another study file (same name, other settings); one
+    that only adds arms or seeds to it is the same study grown."""
     path = plan.study_dir / STUDY_FILE
     if not path.is_file():
         return
     recorded = json.loads(path.read_text())["study"]
     mine = json.loads(json.dumps(plan.study.identity()))
-    changed = sorted(k for k in set(recorded) | set(mine) if recorded.get(k) != mine.get(k))
+    changed = _growth_only(recorded, mine)
     if changed:
         raise UserError(f"'{plan.study_dir}' holds study '{recorded.get('name')}' made from another study file "
                         f"(differs in: {', '.join(changed)}): give this one another name, or delete that directory")
@@ -64,10 +78,13 @@ def prepare(plan: StudyPlan) -> None:
     """Record the study and write every config file (the same files serve --local and --slurm)."""
     check_study_dir(plan)
     artifacts.ensure_writable_dir(plan.study_dir)
-    if not (plan.study_dir / STUDY_FILE).is_file():
-        artifacts.write_json(plan.study_dir / STUDY_FILE, {"study": plan.study.identity(),
-                                                            "study_file": str(plan.study.source.resolve()),
-                                                            "created": artifacts.now_iso()})
+    path = plan.study_dir / STUDY_FILE
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    identity = json.loads(json.dumps(plan.study.identity()))
+    if previous.get("study") != identity:  # new, or grown by arms or seeds
+        artifacts.write_json(path, {"study": identity, "study_file": str(plan.study.source.resolve()),
+                                    "created": previous.get("created", artifacts.now_iso()),
+                                    **({"grown": artifacts.now_iso()} if previous else {})})
     for shared in (plan.stage1, plan.stage2):
         if shared is not None:
             stages.write_config(shared.config, shared.options)
