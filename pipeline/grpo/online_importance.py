@@ -2,7 +2,7 @@
 
 Stage 2 fits f once, on the initial model's rollouts, and the offline soft mask then pays a second
 model's forward per completion while the policy drifts from what f was fitted on. Here stage 2's
-head (``NetConfig``: form, pinned ends, position features) reads the hidden states that the policy's
+head (``NetConfig``: form, pinned ends, features) reads the hidden states that the policy's
 log-prob forward already computed (``completion_outputs``), detached, so its fit never reaches the
 policy; it is refit by the stage-2 pair likelihood on a replay buffer of the run's most recent pairs
 (groups drawn as sister pairs, ``paired_rollout``). Stage 2's rules hold: m_q and v_q pooled per
