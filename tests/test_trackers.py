@@ -151,13 +151,13 @@ def test_stage2_tensorboard_and_wandb_hold_the_epoch_metrics(tiny_model_dir, tmp
     assert result.exit_code == 0, result.output
     run = dump.parents[1] / "importance_net" / "r"
     csv = pd.read_csv(run / "metrics.csv")
-    val = csv.dropna(subset=["val/nll"])
+    val = csv.dropna(subset=["val/loss"])
     assert len(val) == 2
     scalars = tensorboard_scalars(run / "tensorboard")
-    assert sorted(scalars["val/nll"].values()) == pytest.approx(sorted(val["val/nll"]), rel=1e-6)
-    assert sorted(scalars["train/nll"].values()) == pytest.approx(sorted(csv["train/nll"].dropna()), rel=1e-6)
-    logged = [row["val/nll"] for row in wandb_history(run) if "val/nll" in row]
-    assert sorted(logged) == pytest.approx(sorted(val["val/nll"]), rel=1e-6)
+    assert sorted(scalars["val/loss"].values()) == pytest.approx(sorted(val["val/loss"]), rel=1e-6)
+    assert sorted(scalars["train/loss"].values()) == pytest.approx(sorted(csv["train/loss"].dropna()), rel=1e-6)
+    logged = [row["val/loss"] for row in wandb_history(run) if "val/loss" in row]
+    assert sorted(logged) == pytest.approx(sorted(val["val/loss"]), rel=1e-6)
     assert json.loads((run / "metadata.json").read_text())["arguments"]["report_to"] == ["tensorboard", "wandb"]
 
 
