@@ -35,7 +35,7 @@ from pipeline.answers import (
 )
 from pipeline.hybrid_reward import active_hybrid
 from pipeline.prompting import as_text
-from pipeline.scoring import CONTEXT
+from pipeline.reward_call import CONTEXT
 from pipeline.tasks.blocksworld import PlanCheck, check_plan
 from pipeline.tasks.coding import code_format, tests_passed
 

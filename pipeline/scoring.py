@@ -28,11 +28,10 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.prompting import is_conversational
+from pipeline.reward_call import CONTEXT, NOT_COLUMNS
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[..., list[float | None]]
-NOT_COLUMNS = ("prompt", "completion", "completion_ids")  # TRL passes these under the plural names
-CONTEXT = ("trainer_state", "log_extra", "log_metric")
 
 
 def reward_registry() -> dict[str, RewardFn]:

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import rewards
 from pipeline.errors import UserError
-from pipeline.grpo.config import GRPOArgs
+from pipeline.grpo.config import GRPOArgs, check_precision
 from pipeline.grpo.logprobs import completion_logprobs
-from pipeline.grpo.policy import build_policy, check_precision, reference_model, setup
+from pipeline.grpo.policy import build_policy, reference_model, setup
 from pipeline.grpo.train import Trainer
 from tests.grpo_launcher import completion_chars
 from tests.scale_batch import naive_logprobs, random_batch

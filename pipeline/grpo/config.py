@@ -11,7 +11,6 @@ from typing import Any
 from pipeline import samplers
 from pipeline.errors import UserError
 from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
-from pipeline.grpo.policy import check_precision
 
 NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -26,6 +25,14 @@ RESUMABLE_ARGS = ("max_steps", "eval_every", "save_every", "save_total_limit", "
                   "per_device_train_batch_size", "logprob_chunk_size", "entropy_every", "gradient_checkpointing",
                   "accelerator")
 LOCATION_ARGS = ("out_dir", "run_name", "resume")
+TRUE_HALF = ("bf16-true", "16-true", "transformer-engine", "transformer-engine-float16")  # half-precision weights
+
+
+def check_precision(precision: str, use_peft: bool) -> None:
+    """The precision's name itself is checked by the CLI (Lightning's names)."""
+    if precision in TRUE_HALF and not use_peft:
+        raise UserError(f"--precision {precision} stores the trained weights in half precision, where AdamW's "
+                        "updates at lr 1e-6 round away: use --precision bf16-mixed, or add --use_peft")
 
 
 @dataclass

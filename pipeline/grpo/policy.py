@@ -28,15 +28,7 @@ from pipeline.models import load_causal_lm
 if TYPE_CHECKING:
     from pipeline.grpo.config import GRPOArgs
 
-TRUE_HALF = ("bf16-true", "16-true", "transformer-engine", "transformer-engine-float16")  # half-precision weights
 ROTARY_BUFFERS = ("inv_freq", "original_inv_freq")
-
-
-def check_precision(precision: str, use_peft: bool) -> None:
-    """The precision's name itself is checked by the CLI (Lightning's names)."""
-    if precision in TRUE_HALF and not use_peft:
-        raise UserError(f"--precision {precision} stores the trained weights in half precision, where AdamW's "
-                        "updates at lr 1e-6 round away: use --precision bf16-mixed, or add --use_peft")
 
 
 def base_dtype(args: GRPOArgs) -> torch.dtype:
