@@ -80,8 +80,7 @@ def cross_gains(export: str, train, val, binary: bool) -> dict[str, Any]:
 
     def targets(pairs, mask=None) -> dict[str, torch.Tensor]:
         mask = np.ones(len(pairs), bool) if mask is None else mask
-        return {k: torch.as_tensor(v[mask], dtype=torch.float64) for k, v in
-                {"z1": pairs.z1, "z2": pairs.z2, "r1": pairs.r1, "r2": pairs.r2, "p": pairs.mean}.items()}
+        return {k: torch.as_tensor(v[mask], dtype=torch.float64) for k, v in pairs.targets().items()}
 
     f = torch.as_tensor(_val_f(export, val), dtype=torch.float64)
     prompt_index = np.unique(val.prompt_id, return_inverse=True)[1]

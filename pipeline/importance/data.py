@@ -69,6 +69,10 @@ class Pairs:
             values[field.name] = [value[i] for i in keep] if isinstance(value, list) else value[keep]
         return Pairs(**values)
 
+    def targets(self) -> dict[str, np.ndarray]:
+        """What the likelihoods read (``TARGETS``): the sisters' z and raw rewards, and p = m_q."""
+        return {"z1": self.z1, "z2": self.z2, "r1": self.r1, "r2": self.r2, "p": self.mean}
+
     def relative_position(self) -> np.ndarray:
         """t / len(completion A), in [0, 1): where in the completion the split falls."""
         return self.split / np.array([len(c) for c in self.completion], dtype=np.float64)
@@ -198,7 +202,7 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.pairs
         return {"prompt": p.prompt[i], "prefix": p.completion[i][: p.split[i]], "split": p.split[i],
-                "z1": p.z1[i], "z2": p.z2[i], "r1": p.r1[i], "r2": p.r2[i], "p": p.mean[i],
+                **{key: values[i] for key, values in p.targets().items()},
                 "relative": self.relative[i], "index": p.index[i], "prompt_index": self.prompt_index[i]}
 
 

@@ -25,9 +25,9 @@ from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, pro
 from pipeline.cli import check_lightning, lightning_devices
 from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
-from pipeline.importance.data import PairDataModule, Pairs, dump_reward_column
+from pipeline.importance.data import PairDataModule, dump_reward_column
 from pipeline.importance.export import load, save_export
-from pipeline.importance.forms import FORMS, constant_hazard_curve
+from pipeline.importance.forms import constant_hazard_curve
 from pipeline.importance.loss import (
     LIKELIHOODS,
     best_constant_f,
@@ -139,10 +139,6 @@ def _report_examples(dm: PairDataModule, n: int) -> list[Example]:
             for i in sorted(first)[:n]]
 
 
-def _targets(pairs: Pairs) -> dict[str, np.ndarray]:
-    return {"z1": pairs.z1, "z2": pairs.z2, "r1": pairs.r1, "r2": pairs.r2, "p": pairs.mean}
-
-
 def starting_point(form: str, likelihood: str, split: np.ndarray, targets: dict[str, np.ndarray]) -> tuple[float, float]:
     """(baseline f, initial value of the head) fitted on the training pairs (their splits and targets; stage 3's
     online head calls it too).
@@ -223,8 +219,6 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     """
     started, t0 = now_iso(), time.time()
     check_lightning(quiet=True, accelerator=accelerator, devices=devices, precision=precision)
-    if f_form not in FORMS:
-        raise UserError(f"--f_form must be one of {', '.join(FORMS)}, got '{f_form}'")
     if f_end not in F_ENDS:
         raise UserError(f"--f_end must be one of {', '.join(F_ENDS)}, got '{f_end}'")
     if patience < 0:
@@ -266,7 +260,7 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
     resolved = resolve_likelihood(likelihood, is_binary(dm.train.r1, dm.train.r2, dm.val.r1, dm.val.r2),
                                   dm.reward_column)
 
-    baseline_f, init_value = starting_point(f_form, resolved, dm.train.split, _targets(dm.train))
+    baseline_f, init_value = starting_point(f_form, resolved, dm.train.split, dm.train.targets())
     net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden, f_form,
                            f_end == "pinned", features)
     module = ImportanceModule(net_config.to_dict(), resolved, init_value, baseline_f, lr, backbone_lr, weight_decay,
