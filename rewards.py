@@ -38,6 +38,7 @@ from pipeline.prompting import as_text
 from pipeline.reward_call import CONTEXT
 from pipeline.tasks.blocksworld import PlanCheck, check_plan
 from pipeline.tasks.coding import code_format, tests_passed
+from pipeline.tasks.credit import Spec, credit_reward, decisions_right
 
 Row = dict[str, Any]
 RowScore = Callable[[str, Row], float]
@@ -77,6 +78,7 @@ CORRECT_BY_TASK: dict[str, RowScore] = {
     "blocksworld": lambda completion, row: float(_plan(completion, row).reaches_goal),
     "coding": lambda completion, row: float(
         tests_passed([""], [completion], entry_point=[row["entry_point"]], tests=[row["tests"]])[0] == 1.0),
+    "credit": lambda completion, row: float(all(decisions_right(completion, Spec.from_answer(row["answer"])))),
 }
 
 
@@ -128,6 +130,13 @@ valid_moves = for_task("blocksworld", _valid_moves)
 optimality = for_task("blocksworld", _optimality)
 
 
+def credit(prompts, completions, answer, **columns) -> list[float]:
+    """The credit task's reward (binary or graded, with its level's noise); other tasks' rows score 0."""
+    rows = _rows(completions, {"answer": answer, **columns})
+    return [credit_reward(c, row["answer"], i) if row.get("task_name", "credit") == "credit" else 0.0
+            for i, (c, row) in enumerate(rows)]
+
+
 def hybrid(prompts, completions, **columns) -> list[float]:
     """Verifier (``correct``) refined by the reward model the stage configured (--reward_model)."""
     verified = correct(prompts, completions, **columns)
@@ -164,4 +173,5 @@ REWARDS = {name: plain_text(fn) for name, fn in {
     "hybrid": hybrid,
     "tests_passed": tests_passed,
     "code_format": code_format,
+    "credit": credit,
 }.items()} | {"solution_accuracy": solution_accuracy}

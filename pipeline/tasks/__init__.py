@@ -11,6 +11,7 @@ from pipeline.errors import UserError
 from pipeline.tasks.base import EVAL_OFFSET, HELDOUT_LEVEL, TRAIN_LEVELS, ProceduralTask, spread_over_levels
 from pipeline.tasks.blocksworld import BlocksWorldTask
 from pipeline.tasks.coding import CodingTask
+from pipeline.tasks.credit import CreditTask
 from pipeline.tasks.math_task import MathFileTask, MathProceduralTask
 from pipeline.tasks.mixed import SEPARATOR, mix_rows, shares, union_rewards
 from pipeline.tasks.reasoning_gym_tasks import ArithmeticTask, CountdownTask
@@ -23,6 +24,7 @@ TASKS: dict[str, type[ProceduralTask]] = {
     "math": MathFileTask,
     "math_procedural": MathProceduralTask,
     "coding": CodingTask,
+    "credit": CreditTask,
 }
 DEFAULT_REWARDS: dict[str, dict[str, float]] = {
     "countdown": {"correct": 1.0, "format": 0.1, "valid_expression": 0.0, "uses_numbers": 0.0},
@@ -31,6 +33,7 @@ DEFAULT_REWARDS: dict[str, dict[str, float]] = {
     "math": {"correct": 1.0, "format": 0.1},
     "math_procedural": {"correct": 1.0, "format": 0.1},
     "coding": {"tests_passed": 1.0, "code_format": 0.1},
+    "credit": {"credit": 1.0},
 }
 USER_DATASET_REWARDS = {"correct": 1.0, "format": 0.1}
 MATH_FILE_PREFIX = "math:"  # math:PATH = the math task on a user's GSM8K/MATH-style file
