@@ -17,6 +17,7 @@ from pipeline.cli import (
     reward_model_options,
     run_stage,
     stage_command,
+    task_name_help,
 )
 from pipeline.models import DEFAULT_MODEL
 
@@ -24,7 +25,7 @@ from pipeline.models import DEFAULT_MODEL
 @stage_command()
 @config_option
 @option("model_name", default=DEFAULT_MODEL, help="Alias, local HF directory or hub id.")
-@option("task_name", default="countdown", help="countdown, arithmetic, or a .jsonl/.parquet dataset path.")
+@option("task_name", default="countdown", help=task_name_help())
 @option("group_size", aliases=("num_generations",), type=int_at_least(2), default=8,
         help="Completions per group (even: G/2 pairs).")
 @option("groups_per_prompt", type=POSITIVE_INT, default=1, help="Groups per prompt (pooled statistics for stage 2).")

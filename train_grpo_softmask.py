@@ -27,6 +27,7 @@ from pipeline.cli import (
     reward_model_options,
     run_stage,
     stage_command,
+    task_name_help,
 )
 from pipeline.grpo.config import IMPORTANCE_SAMPLING_LEVELS, IMPORTANCE_SOURCES, LR_SCHEDULERS, SCALE_REWARDS
 from pipeline.grpo.is_correction import IS_MODES
@@ -41,7 +42,7 @@ from pipeline.samplers import ALIASES, SAMPLERS
 @stage_command()
 @config_option
 @option("model_name", default=DEFAULT_MODEL, help="Policy: alias, local HF directory or hub id.")
-@option("task_name", default="countdown", help="countdown, arithmetic, or a .jsonl/.parquet dataset path.")
+@option("task_name", default="countdown", help=task_name_help())
 @option("importance_net", default=None,
         help="Stage-2 export directory (needed by delta/variance/shuffled; with --importance online, a warm start).")
 @option("softmask", type=click.Choice(sorted(SOFTMASKS)), default="none")

@@ -1,6 +1,6 @@
 """Stage 2: importance-net training throughput (pairs/s) and ``score`` throughput (tokens/s) of the export.
 
-Training goes through ``pipeline.importance.train.run`` (frozen backbone, linear head) on the
+Training goes through ``pipeline.importance.train.run`` (frozen backbone, the default 64-unit head) on the
 stage-1 bench's paired dump. Its ``L.Trainer.fit`` is wrapped from here (the pipeline is not
 changed) to time the fit and, with an added callback, the training batches of each epoch: with a
 frozen backbone the first epoch runs the backbone on every pair and caches the features, later

@@ -7,7 +7,8 @@ Same settings for all three: the same prompts in the same order (P per step), G 
 model), loss ``dapo``, one optimizer step per generation (TRL: ``per_device_train_batch_size`` =
 P * G, ``gradient_accumulation_steps`` = 1, so ``steps_per_generation`` = 1 and
 ``generation_batch_size`` = P * G completions per step), fp32, no gradient checkpointing (TRL's
-GRPOConfig turns it on by default; ours has none, so it is turned off for the same work).
+GRPOConfig turns it on by default; ours is off unless ``--gradient_checkpointing``, so TRL's is turned
+off for the same work).
 
 TRL's ``train()`` runs the loop; a callback times each TRL step (``on_step_begin`` ->
 ``on_step_end``: generation, rewards, loss, backward, optimizer step) and runs our two trainers'

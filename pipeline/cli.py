@@ -366,6 +366,16 @@ def backend_options(gpu_memory_utilization: float) -> Callable:
 
 
 
+def task_name_help() -> str:
+    """``--task_name``'s help (stages 1 and 3), from the task registry: a newly registered task appears in it."""
+    from pipeline.tasks import MATH_FILE_PREFIX, SEPARATOR, TASKS
+
+    first, second = list(TASKS)[:2]
+    return (f"A task ({', '.join(TASKS)}), {MATH_FILE_PREFIX}PATH (the math task on a GSM8K/MATH-style file), "
+            f"a .jsonl/.json/.parquet dataset path, or several joined with '{SEPARATOR}' "
+            f"(e.g. {first}{SEPARATOR}{second}; docs/tasks.md).")
+
+
 def reward_model_options(fn: Callable) -> Callable:
     """``--reward_model`` and its calibration size, for the ``hybrid`` reward (stages 1 and 3)."""
     fn = option("rm_calibration_prompts", type=POSITIVE_INT, default=16,
