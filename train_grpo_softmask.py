@@ -19,6 +19,7 @@ from pipeline.cli import (
     RUN_NAME,
     STRATEGY,
     UNIT_INTERVAL,
+    RegistryChoice,
     backend_options,
     config_option,
     int_at_least,
@@ -27,13 +28,14 @@ from pipeline.cli import (
     reward_model_options,
     run_stage,
     stage_command,
+    switch,
     task_name_help,
 )
 from pipeline.grpo.config import IMPORTANCE_SAMPLING_LEVELS, IMPORTANCE_SOURCES, LR_SCHEDULERS, SCALE_REWARDS
 from pipeline.grpo.is_correction import IS_MODES
 from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
 from pipeline.grpo.losses import POLICY_LOSSES
-from pipeline.grpo.softmask import SOFTMASKS
+from pipeline.grpo.softmask import NEEDS_ENTROPY, NEEDS_F, SOFTMASKS
 from pipeline.importance.loss import LIKELIHOODS
 from pipeline.models import DEFAULT_MODEL
 from pipeline.samplers import ALIASES, SAMPLERS
@@ -42,58 +44,81 @@ from pipeline.samplers import ALIASES, SAMPLERS
 @stage_command()
 @config_option
 @option("model_name", default=DEFAULT_MODEL, help="Policy: alias, local HF directory or hub id.")
-@option("task_name", default="countdown", help=task_name_help())
+@option("task_name", default="arithmetic", help=task_name_help())
 @option("importance_net", default=None,
         help="Stage-2 export directory (needed by delta/variance/shuffled; with --importance online, a warm start).")
-@option("softmask", type=click.Choice(sorted(SOFTMASKS)), default="none")
+@option("softmask", type=RegistryChoice(SOFTMASKS), default="none",
+        help=f"Per-token loss weights (README, Soft masks): none is plain GRPO; {', '.join(NEEDS_F)} read f "
+             f"(--importance_net, or --importance online); {', '.join(NEEDS_ENTROPY)} the policy's entropies.")
 @option("softmask_strength", type=UNIT_INTERVAL, default=1.0, help="lambda: 0 = uniform weights, 1 = full mask.")
 @option("entropy_quantile", aliases=("top_entropy_quantile",), type=OPEN_UNIT_INTERVAL, default=0.2,
         help="entropy mode: share of tokens kept.")
 @option("sampler", type=click.Choice([*SAMPLERS, *ALIASES]), default="balanced",
         help="Curriculum sampler (see docs/samplers.md).")
 @option("sampler_params", type=MAPPING, default="", help="YAML mapping of sampler parameters.")
-@option("levels", type=LEVELS, default="0,1,2,3", help="Training levels (eval adds the held-out one).")
-@option("num_train_prompts", type=POSITIVE_INT, default=256)
+@option("levels", type=LEVELS, default="0,1", help="Training levels (eval adds the held-out one).")
+@option("num_train_prompts", type=POSITIVE_INT, default=256, help="Training prompts, spread over --levels.")
 @option("eval_prompts", type=POSITIVE_INT, default=8, help="Held-out prompts per level for greedy evaluation.")
-@option("prompts_per_step", type=POSITIVE_INT, default=4)
+@option("prompts_per_step", type=POSITIVE_INT, default=4,
+        help="Prompts per step, --group_size completions each (a multiple of the ranks).")
 @option("group_size", aliases=("num_generations",), type=int_at_least(2), default=8,
         help="Completions per prompt (advantages compare them).")
-@option("max_steps", type=POSITIVE_INT, default=50)
-@option("max_new_tokens", aliases=("max_completion_length",), type=POSITIVE_INT, default=128)
-@option("temperature", type=POSITIVE_FLOAT, default=1.0)
-@option("top_p", type=OPEN_UNIT_INTERVAL, default=1.0)
+@option("max_steps", type=POSITIVE_INT, default=50, help="Training steps: one generation and optimizer step each.")
+@option("max_new_tokens", aliases=("max_completion_length",), type=POSITIVE_INT, default=48,
+        help="Most tokens per completion.")
+@option("temperature", type=POSITIVE_FLOAT, default=1.0, help="Sampling temperature (the log-probs use it too).")
+@option("top_p", type=OPEN_UNIT_INTERVAL, default=1.0, help="Nucleus sampling share (1: off).")
 @option("rewards", default="", help="name=weight,... from rewards.py (default: the task's).")
 @reward_model_options
-@option("loss_type", type=click.Choice(sorted(POLICY_LOSSES)), default="dapo")
+@option("loss_type", type=click.Choice(sorted(POLICY_LOSSES)), default="dapo",
+        help="Policy loss, as TRL's (pipeline/grpo/losses.py); cispo caps the ratio at --epsilon_high, which "
+             "defaults to --epsilon (0.2): give e.g. --epsilon_high 5.0 with it.")
 @option("importance_sampling_level", type=click.Choice(IMPORTANCE_SAMPLING_LEVELS), default="token",
         help="sequence: one length-normalised ratio per completion (GSPO).")
-@option("scale_rewards", type=click.Choice(SCALE_REWARDS), default="group")
-@option("epsilon", type=NON_NEGATIVE_FLOAT, default=0.2)
-@option("epsilon_high", type=NON_NEGATIVE_FLOAT, default=None)
+@option("scale_rewards", type=click.Choice(SCALE_REWARDS), default="group",
+        help="Advantages divided by the group's reward std, the batch's, or not at all (none).")
+@option("epsilon", type=NON_NEGATIVE_FLOAT, default=0.2, help="Lower clip: the ratio is kept above 1 - epsilon.")
+@option("epsilon_high", type=NON_NEGATIVE_FLOAT, default=None,
+        help="Upper clip: the ratio is kept below 1 + epsilon_high (DAPO: 0.28); with --loss_type cispo the "
+             "ratio's absolute cap (TRL recommends 5.0) [default: --epsilon, so cispo caps at 0.2].")
 @option("beta", type=NON_NEGATIVE_FLOAT, default=0.0, help="k3 KL coefficient (0: no reference model).")
-@option("num_iterations", type=POSITIVE_INT, default=1)
-@option("mask_truncated_completions", is_flag=True, default=False)
-@option("lr", aliases=("learning_rate",), type=NON_NEGATIVE_FLOAT, default=1e-6)
+@option("num_iterations", type=POSITIVE_INT, default=1,
+        help="Optimizer steps on each step's completions (TRL's mu; > 1 computes old log-probs).")
+@option("mask_truncated_completions", is_flag=True, default=False,
+        help="Leave completions cut at --max_new_tokens out of the loss (DAPO).")
+@option("lr", aliases=("learning_rate",), type=NON_NEGATIVE_FLOAT, default=1e-6, help="AdamW's peak learning rate.")
 @option("lr_scheduler_type", type=click.Choice(LR_SCHEDULERS), default="linear",
         help="transformers.get_scheduler over --max_steps.")
-@option("warmup_steps", type=NON_NEGATIVE_INT, default=0)
+@option("warmup_steps", type=NON_NEGATIVE_INT, default=0, help="Warm-up steps of the LR schedule.")
 @option("warmup_ratio", type=UNIT_INTERVAL, default=0.0, help="Warm-up as a share of --max_steps (rounded up).")
-@option("weight_decay", type=NON_NEGATIVE_FLOAT, default=0.0)
-@option("max_grad_norm", type=POSITIVE_FLOAT, default=1.0)
-@option("eval_every", type=POSITIVE_INT, default=10)
-@option("save_every", type=POSITIVE_INT, default=10)
+@option("weight_decay", type=NON_NEGATIVE_FLOAT, default=0.0, help="AdamW weight decay.")
+@option("max_grad_norm", type=POSITIVE_FLOAT, default=1.0, help="Gradient-norm clipping.")
+@option("eval_every", aliases=("eval_steps",), type=POSITIVE_INT, default=10,
+        help="Steps between greedy evaluations (also before training and at the end).")
+@option("save_every", aliases=("save_steps",), type=POSITIVE_INT, default=10,
+        help="Steps between checkpoints (also at the end).")
 @option("save_total_limit", type=POSITIVE_INT, default=2, help="Newest checkpoints kept.")
+@option("save_only_model", is_flag=True, default=False,
+        help="Checkpoints hold the policy, not the optimizer, scheduler, sampler and RNG states (transformers' "
+             "save_only_model): smaller, but --resume refuses them (a preemption's checkpoint keeps them).")
 @option("logging_steps", type=POSITIVE_INT, default=1, help="Steps per metrics row (the mean over those steps).")
 @report_to_option
-@backend_options(gpu_memory_utilization=0.3)
-@option("batch_size", type=POSITIVE_INT, default=64, help="Generation micro-batch size.")
-@option("seed", type=NON_NEGATIVE_INT, default=0)
+@backend_options(gpu_memory_utilization=0.3, tensor_parallel=False)
+@option("per_device_generation_batch_size", deprecated=("batch_size",), type=POSITIVE_INT, default=64,
+        help="Completions per generate call of the hf backend, on each device (vLLM batches itself).")
+@option("seed", type=NON_NEGATIVE_INT, default=0,
+        help="Seeds the sampling, the curriculum sampler and torch's RNG (LoRA's init, shuffled's permutations).")
 @option("devices", type=DEVICES, default="1", help="Lightning devices: a count, auto, -1, or ids like 0,1.")
-@option("num_nodes", type=POSITIVE_INT, default=1)
+@option("num_nodes", type=POSITIVE_INT, default=1, help="Lightning nodes.")
 @option("strategy", type=STRATEGY, default="auto", help="Fabric strategy: auto, ddp, fsdp, ...")
 @option("precision", type=PRECISION, default="32-true", help="Fabric precision; bf16-mixed on GPUs (bf16-true needs --use_peft).")
-@option("out_dir", default="rollout_dump")
-@option("run_name", type=RUN_NAME, default=None)
+@switch("bf16", "precision", "bf16-mixed", help="TRL's bf16: the same as --precision bf16-mixed.")
+@switch("fp16", "precision", "16-mixed", help="TRL's fp16: the same as --precision 16-mixed.")
+@option("out_dir", aliases=("output_dir",), default="rollout_dump",
+        help="Root of the output tree: the run goes to <out_dir>/<task>/<model>/grpo/<run_name>.")
+@option("run_name", type=RUN_NAME, default=None,
+        help="Run directory under <out_dir>/<task>/<model>/grpo [default: <softmask>_<sampler>_<hash of the "
+             "defining options>].")
 @option("resume", is_flag=True, default=False,
         help="Continue from the run's newest checkpoint (with the same defining options: README, stage 3).")
 @option("require_importance_gain", is_flag=True, default=False,
@@ -105,13 +130,14 @@ from pipeline.samplers import ALIASES, SAMPLERS
 @option("entropy_every", type=NON_NEGATIVE_INT, default=1, help="Log the policy's entropy every N steps (0: never).")
 @option("gradient_checkpointing", is_flag=True, default=False, help="Recompute activations in backward.")
 @option("use_peft", is_flag=True, default=False, help="Train a LoRA adapter instead of the whole policy.")
-@option("lora_r", type=POSITIVE_INT, default=16)
-@option("lora_alpha", type=POSITIVE_INT, default=32)
-@option("lora_dropout", type=UNIT_INTERVAL, default=0.05)
+@option("lora_r", type=POSITIVE_INT, default=16, help="LoRA rank (--use_peft).")
+@option("lora_alpha", type=POSITIVE_INT, default=32, help="LoRA alpha (--use_peft).")
+@option("lora_dropout", type=UNIT_INTERVAL, default=0.05, help="LoRA dropout (--use_peft).")
 @option("lora_target_modules", default=None, help="Comma-separated module names, or all-linear [default: peft's].")
 @option("importance", type=click.Choice(IMPORTANCE_SOURCES), default="offline",
-        help="f for delta/variance/shuffled: the stage-2 net (offline), or a head on the policy's own hidden states "
-             "refit during the run on paired groups (online; --importance_net then only warm-starts it).")
+        help="f for delta/variance/shuffled: the stage-2 net (offline), a head on the policy's own hidden states "
+             "refit during the run on paired groups (online; --importance_net then only warm-starts it), or the "
+             "task's true f (oracle; --task_name credit only).")
 @option("online_refit_every", type=POSITIVE_INT, default=1, help="online: steps between refits of the head.")
 @option("online_buffer_size", type=int_at_least(2), default=1024, help="online: the most recent pairs the head is fit on.")
 @option("online_refit_iters", type=POSITIVE_INT, default=25, help="online: full-batch AdamW steps per refit.")
@@ -126,7 +152,8 @@ from pipeline.samplers import ALIASES, SAMPLERS
         help="Fabric accelerator: auto (CUDA when there), cpu, cuda; the reference, importance and reward models follow.")
 @option("vllm_importance_sampling_correction", type=bool, default=True,
         help="Correct vLLM's sampling/training mismatch with its sampled-token log-probs (TRL 1.16).")
-@option("vllm_importance_sampling_mode", type=click.Choice(IS_MODES), default="sequence_mask")
+@option("vllm_importance_sampling_mode", type=click.Choice(IS_MODES), default="sequence_mask",
+        help="The ratio per token or per sequence, truncated at C_max or masked (zeroed) outside [C_min, C_max].")
 @option("vllm_importance_sampling_clip_min", type=NON_NEGATIVE_FLOAT, default=None, help="Lower bound C_min of the ratio.")
 @option("vllm_importance_sampling_clip_max", type=POSITIVE_FLOAT, default=3.0, help="Upper bound C_max of the ratio.")
 @run_stage

@@ -53,7 +53,7 @@ from pipeline.importance.train import F_ENDS, run
 @option("head_hidden", type=NON_NEGATIVE_INT, default=64,
         help="Hidden width of the head (one GELU layer); 0 = linear head.")
 @option("val_fraction", type=FRACTION, default=0.1, help="Share of prompts held out for validation.")
-@option("max_epochs", type=POSITIVE_INT, default=20)
+@option("max_epochs", type=POSITIVE_INT, default=20, help="Most passes over the training pairs.")
 @option("patience", type=NON_NEGATIVE_INT, default=5,
         help="Stop after this many epochs without a better val loss; 0 = never.")
 @option("batch_size", type=POSITIVE_INT, default=32, help="Pairs per batch.")
@@ -64,7 +64,8 @@ from pipeline.importance.train import F_ENDS, run
 @option("precision", type=PRECISION, default="32-true", help="Lightning precision: 32-true, bf16-mixed, ...")
 @option("devices", type=DEVICES, default="1", help="Lightning devices: a count, auto, -1, or ids like 0,1.")
 @option("accelerator", type=ACCELERATOR, default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
-@option("seed", type=NON_NEGATIVE_INT, default=0)
+@option("seed", type=NON_NEGATIVE_INT, default=0,
+        help="Seeds the train/validation split of prompts, the batches and the head's initial weights.")
 @option("run_name", type=RUN_NAME, default=None,
         help="Run directory name [default: <mode>-<reward column>-<group_stats>].")
 @option("out_dir", type=click.Path(file_okay=False), default=None,
@@ -82,6 +83,14 @@ def main(**kwargs) -> None:
                f"constant f = {summary['baseline_f']:.3f}: gain {summary['gain']:+.4f} {UNITS[summary['likelihood']]} "
                f"(95% CI {lo:+.4f}, {hi:+.4f} over {summary['prompts']} prompts, {summary['pairs']} pairs; "
                f"kept {summary['chosen']})")
+    truth = summary["truth"]
+    if truth:
+        click.echo(f"true f (credit task, {truth['completions']} val completions): MAE of f {truth['mae_f']:.3f} "
+                   f"(uniform t/n: {truth['mae_f_uniform']:.3f}); of increments on decision tokens "
+                   f"{truth['mae_increment_decision']:.3f} ({truth['mae_increment_decision_uniform']:.3f}), on the "
+                   f"others {truth['mae_increment_other']:.3f} ({truth['mae_increment_other_uniform']:.3f}); weight on "
+                   f"decision tokens {truth['decision_share_net']:.2f} (true {truth['decision_share_true']:.2f}, "
+                   f"their share of tokens {truth['decision_share_tokens']:.2f})")
 
 
 if __name__ == "__main__":

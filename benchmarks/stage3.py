@@ -70,8 +70,8 @@ def our_trainer(ctx: Context, cfg: Config, softmask: str, export: str | None, im
                     levels=cfg.levels, num_train_prompts=cfg.prompts_per_step * steps, eval_prompts=1,
                     prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, max_steps=steps,
                     max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, loss_type="dapo", beta=0.0,
-                    lr=1e-6, lr_scheduler_type="constant", batch_size=max(64, cfg.prompts_per_step * cfg.group_size),
-                    seed=cfg.seed, out_dir=str(ctx.workdir / "stage3"), run_name=f"ours-{softmask}-{importance}",
+                    lr=1e-6, lr_scheduler_type="constant",
+                    per_device_generation_batch_size=max(64, cfg.prompts_per_step * cfg.group_size), seed=cfg.seed, out_dir=str(ctx.workdir / "stage3"), run_name=f"ours-{softmask}-{importance}",
                     importance=importance)
     return Trainer(args)
 

@@ -4,6 +4,8 @@ and one-line errors with exit code 2 for anything the user can fix.
 Every option is declared with ``option(name, aliases=(...), type=..., ...)``: ``--model_name``,
 ``--model-name`` and each alias (TRL's names, e.g. ``aliases=("num_generations",)``) set the same parameter,
 errors name the seed spelling, and a ``--config`` YAML file may use any of these spellings as keys.
+``deprecated=(...)`` spellings (an option's old names) work too, with a one-line warning once the command
+line parses. ``switch(flag, name, value)`` is a flag that sets another option's value (TRL's ``--bf16``).
 
 Every value is checked at parse time by one of the shared types below. New options use them too, so that
 bad input fails before any model loads or anything is written (tests/test_bad_input.py holds the cases):
@@ -14,7 +16,7 @@ bad input fails before any model loads or anything is written (tests/test_bad_in
   shares), ``FRACTION`` (0, 1);
 - ``LEVELS`` (non-empty comma-separated levels >= 0, or a YAML list), ``DIR_NAME`` (one directory name: a
   dump's tag), ``RUN_NAME`` (a run directory, possibly a relative path), ``MAPPING`` (a YAML/JSON mapping),
-  and ``report_to_option`` (``--report_to``);
+  ``RegistryChoice(registry)`` (a registry's current names), and ``report_to_option`` (``--report_to``);
 - Lightning's: ``DEVICES``, ``ACCELERATOR``, ``STRATEGY``, ``PRECISION``, checked against Lightning's own
   registries. ``check_lightning(accelerator=..., devices=..., strategy=..., precision=...)`` then builds the
   Fabric (nothing launched), so Lightning checks them together (device ids on a CPU, FSDP without a GPU)
@@ -41,19 +43,38 @@ from pipeline.errors import UserError
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
+DEPRECATED_KEYS = "deprecated_config_keys"  # ctx.meta: the --config file's deprecated keys, as warnings
+
+
 class StageCommand(click.Command):
-    """Usage errors (bad option value, unreadable --config) as one line and exit code 2."""
+    """Usage errors (bad option value, unreadable --config) as one line and exit code 2; a deprecated
+    spelling, once everything parses, as one warning line."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        given = list(args)  # parsing consumes the list
         try:
-            return super().make_context(info_name, args, parent, **extra)
+            ctx = super().make_context(info_name, args, parent, **extra)
         except click.UsageError as err:
             click.echo(f"error: {err.format_message()}", err=True)
             raise SystemExit(2) from err
+        for message in [*self._deprecated_flags(given), *ctx.meta.get(DEPRECATED_KEYS, [])]:
+            click.echo(f"warning: {message}", err=True)
+        return ctx
+
+    def _deprecated_flags(self, args: list[str]) -> list[str]:
+        old = {flag: param for param in self.params for flag in getattr(param, "old_flags", ())}
+        used = dict.fromkeys(arg.split("=", 1)[0] for arg in args if arg.split("=", 1)[0] in old)
+        return [f"{flag} is deprecated: use {old[flag].opts[0]} (same meaning)" for flag in used]
 
 
 class StageOption(click.Option):
-    """Names itself in errors by its seed spelling only (not every alias)."""
+    """Names itself in errors by its seed spelling only (not every alias); ``old_spellings``: the
+    deprecated ones."""
+
+    def __init__(self, *args: Any, old_spellings: Iterable[str] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.old_spellings = tuple(old_spellings)
+        self.old_flags = tuple(flag for spelling in self.old_spellings for flag in _flags(spelling))
 
     def get_error_hint(self, ctx: click.Context) -> str:
         return f"'{self.opts[0]}'"
@@ -63,24 +84,40 @@ def stage_command() -> Callable:
     return click.command(cls=StageCommand, context_settings={"help_option_names": ["-h", "--help"]})
 
 
-def option(name: str, *, aliases: Iterable[str] = (), **kwargs: Any) -> Callable:
-    """``--model_name``, ``--model-name`` and every alias (and its dashed form) set ``model_name``."""
-    flags: list[str] = []
-    for spelling in (name, *aliases):
-        for flag in (f"--{spelling}", f"--{spelling.replace('_', '-')}"):
-            if flag not in flags:
-                flags.append(flag)
-    return click.option(*flags, name, cls=StageOption, show_default=True, **kwargs)
+def _flags(spelling: str) -> tuple[str, ...]:
+    """``--a_b`` and ``--a-b`` (one flag when the spelling has no underscore)."""
+    return tuple(dict.fromkeys((f"--{spelling}", f"--{spelling.replace('_', '-')}")))
 
 
-def _spellings(command: click.Command) -> dict[str, str]:
-    """Every accepted config key (seed, dashed and alias spellings) -> parameter name."""
-    names = {}
+def option(name: str, *, aliases: Iterable[str] = (), deprecated: Iterable[str] = (), **kwargs: Any) -> Callable:
+    """``--model_name``, ``--model-name`` and every alias (and its dashed form) set ``model_name``;
+    ``deprecated`` spellings too, with a warning (their use is named at the end of the help text)."""
+    deprecated = tuple(deprecated)
+    flags = list(dict.fromkeys(flag for spelling in (name, *aliases, *deprecated) for flag in _flags(spelling)))
+    if deprecated:
+        kwargs["help"] = f"{kwargs.get('help', '')} Deprecated spelling: {', '.join(f'--{d}' for d in deprecated)}."
+    return click.option(*flags, name, cls=StageOption, show_default=True, old_spellings=deprecated, **kwargs)
+
+
+def switch(flag: str, name: str, value: str, help: str) -> Callable:
+    """A flag ``--flag`` that sets option ``name`` to ``value`` (TRL's boolean ``--bf16`` for ``--precision
+    bf16-mixed``); in a --config file ``flag: true`` (``false`` leaves ``name`` alone)."""
+    return click.option(*_flags(flag), name, cls=StageOption, flag_value=value, help=help)
+
+
+def _is_switch(param: click.Parameter) -> bool:
+    return isinstance(param, click.Option) and param.is_flag and not param.is_bool_flag
+
+
+def option_spellings(command: click.Command) -> dict[str, click.Parameter]:
+    """Every accepted config key (seed, dashed, alias and deprecated spellings) -> its parameter."""
+    params: dict[str, click.Parameter] = {}
     for param in command.params:
-        names[param.name] = param.name
         for flag in getattr(param, "opts", ()):
-            names[flag.lstrip("-").replace("-", "_")] = param.name
-    return names
+            params[flag.lstrip("-").replace("-", "_")] = param
+    for param in command.params:
+        params.setdefault(param.name, param)
+    return params
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -93,20 +130,29 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise click.BadParameter(f"cannot read '{value}' as YAML ({type(err).__name__}): fix the file") from err
     if not isinstance(data, dict):
         raise click.BadParameter(f"'{value}' must be a YAML mapping of option: value")
-    spellings = _spellings(ctx.command)
+    spellings = option_spellings(ctx.command)
     spellings.pop("config", None)
-    params = {param.name: param for param in ctx.command.params}
-    config = {}
+    config, deprecated = {}, []
     for key, setting in data.items():
-        name = spellings.get(str(key).replace("-", "_"))
-        if name is None:
+        spelling = str(key).replace("-", "_")
+        param = spellings.get(spelling)
+        if param is None:
             raise click.BadParameter(f"unknown key '{key}' in '{value}'; valid keys: "
-                                     f"{', '.join(sorted(set(spellings.values())))}")
-        if name in config:
-            raise click.BadParameter(f"'{value}' sets {name} twice (as '{key}' and another spelling): keep one")
-        multiple = getattr(params[name], "multiple", False)
-        config[name] = [setting] if multiple and isinstance(setting, str) else setting
+                                     f"{', '.join(sorted({p.name for p in spellings.values()}))}")
+        if _is_switch(param):
+            if not isinstance(setting, bool):
+                raise click.BadParameter(f"'{key}' in '{value}' is a flag: give true or false")
+            if not setting:
+                continue
+            setting = param.flag_value
+        if param.name in config:
+            raise click.BadParameter(f"'{value}' sets {param.name} twice (as '{key}' and another spelling): keep one")
+        if spelling in getattr(param, "old_spellings", ()):
+            deprecated.append(f"'{key}' in '{value}' is deprecated: use {param.name} (same meaning)")
+        multiple = getattr(param, "multiple", False)
+        config[param.name] = [setting] if multiple and isinstance(setting, str) else setting
     ctx.default_map = {**(ctx.default_map or {}), **config}
+    ctx.meta[DEPRECATED_KEYS] = deprecated
     return value
 
 
@@ -210,6 +256,19 @@ class YamlMapping(click.ParamType):
 
 
 MAPPING = YamlMapping()
+
+
+class RegistryChoice(click.Choice):
+    """One of a registry's names as they are when the value is checked (and the help shown), so a name
+    registered after the CLI was built (a new soft mask) is a choice too."""
+
+    def __init__(self, registry: Mapping[str, Any]):
+        self.registry = registry
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(sorted(self.registry))
 
 
 def report_to_option(fn: Callable) -> Callable:
@@ -344,12 +403,14 @@ def run_stage(fn: Callable) -> Callable:
     return wrapper
 
 
-def backend_options(gpu_memory_utilization: float) -> Callable:
-    """``--backend`` and the vLLM engine options, shared by stages 1 and 3."""
+def backend_options(gpu_memory_utilization: float, tensor_parallel: bool = True) -> Callable:
+    """``--backend`` and the vLLM engine options, shared by stages 1 and 3 (``--tensor_parallel_size`` only
+    with ``tensor_parallel``: stage 3 pushes the policy into one engine per training process)."""
     decorators = [
         option("backend", type=click.Choice(["hf", "vllm", "auto"]), default="hf",
                help="auto: vllm when CUDA and vllm are available, else hf."),
-        option("tensor_parallel_size", type=POSITIVE_INT, default=1, help="GPUs per vLLM engine."),
+        *([option("tensor_parallel_size", type=POSITIVE_INT, default=1, help="GPUs per vLLM engine.")]
+          if tensor_parallel else []),
         option("gpu_memory_utilization", type=OPEN_UNIT_INTERVAL, default=gpu_memory_utilization,
                help="Share of GPU memory vLLM may take."),
         option("max_model_len", type=POSITIVE_INT, default=None, help="vLLM context length [default: the model's]."),

@@ -19,6 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline import artifacts, dump
+from pipeline.credit_truth import write_dump_truth
 from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
 from pipeline.generation.select import resolve_backend
@@ -52,7 +53,7 @@ class Stage1Args:
     max_split_tokens: int | None = None
     prompts_per_chunk: int = 8  # x G/2 sister-A requests: 8 x 4 fills a 32-row generation batch
     backend: str = "hf"
-    batch_size: int = 32
+    per_device_generation_batch_size: int = 32
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
@@ -153,8 +154,8 @@ def _make_backend(args: Stage1Args, tokenizer, device):
     from pipeline.generation.vllm import VLLMOptions
 
     options = VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization, args.max_model_len, args.dtype)
-    return make_backend(args.backend, args.model_name, tokenizer, batch_size=args.batch_size, seed=args.seed,
-                        vllm=options, device=device)
+    return make_backend(args.backend, args.model_name, tokenizer, batch_size=args.per_device_generation_batch_size,
+                        seed=args.seed, vllm=options, device=device)
 
 
 def _metadata_name(args: Stage1Args) -> str:
@@ -247,7 +248,9 @@ def run(args: Stage1Args) -> Path:
         elapsed = time.perf_counter() - t0
         bar.set_postfix(completions_s=f"{completions / elapsed:.2f}", tok_s=f"{generated_tokens / elapsed:.1f}")
     runtime = time.perf_counter() - t0
-    counts = summarize(dump.read_dump(work).to_pandas())
+    frame = dump.read_dump(work).to_pandas()
+    counts = summarize(frame)
+    truth = write_dump_truth(work, frame)  # the credit task's true f of each pair's prefix; None elsewhere
     reward_logs = summarize_batches(scored)
     metadata = {
         "arguments": asdict(args) | {"levels": list(args.levels)}, "output_dir": str(path),
@@ -256,7 +259,7 @@ def run(args: Stage1Args) -> Path:
         "generated_tokens_this_run": generated_tokens,
         "tokens_per_s": round(generated_tokens / runtime, 2) if todo else None,
         "reward_failures_this_run": reward_logs.pop("failures"), "reward_logs_this_run": reward_logs,
-        "hybrid_reward": hybrid, "counts": counts, **artifacts.provenance(),
+        "hybrid_reward": hybrid, "counts": counts, "true_f": truth, **artifacts.provenance(),
     }
     artifacts.write_json(metadata_path, metadata)
     if args.overwrite and not publish(work, path, len(chunks)):

@@ -76,7 +76,7 @@ def world(tiny_model_dir, other_tokenizer_model_dir, tmp_path_factory):
     (inputs / "broken.yaml").write_text("group_size: [\n")
     (inputs / "unknown_key.yaml").write_text("group_sise: 4\n")
     (inputs / "a_list.yaml").write_text("- group_size\n")
-    (inputs / "bad_value.yaml").write_text("batch_size: four\n")
+    (inputs / "bad_value.yaml").write_text("per_device_generation_batch_size: four\n")
     (inputs / "twice.yaml").write_text("group_size: 4\nnum_generations: 4\n")
     synthetic = write_synthetic_dump(root / "out" / "synthetic" / "tiny" / "rollouts_s" / "part-00000.parquet",
                                      load_tokenizer(str(tiny_model_dir)), str(tiny_model_dir), n_prompts=6,
@@ -168,7 +168,7 @@ STAGE1 = [
     case("stage1", "--split_quantile 2", rf"'--split_quantile': 2.0 {RANGE}"),
     case("stage1", "--max_split_tokens -1", rf"'--max_split_tokens': -1 {RANGE}"),
     case("stage1", "--prompts_per_chunk 0", rf"'--prompts_per_chunk': 0 {RANGE}"),
-    case("stage1", "--batch_size 0", rf"'--batch_size': 0 {RANGE}"),
+    case("stage1", "--per_device_generation_batch_size 0", rf"'--per_device_generation_batch_size': 0 {RANGE}"),
     case("stage1", "--seed -1", rf"'--seed': -1 {RANGE} x>=0"),
     case("stage1", ["--levels", ""], r"'--levels': give at least one level"),
     case("stage1", "--levels a,b", r"'--levels': 'a,b': give comma-separated integers"),
@@ -215,7 +215,8 @@ STAGE1 = [
     case("stage1", "--config {inputs}/broken.yaml", r"cannot read '.*broken.yaml' as YAML .*fix the file"),
     case("stage1", "--config {inputs}/unknown_key.yaml", r"unknown key 'group_sise' in .*valid keys"),
     case("stage1", "--config {inputs}/a_list.yaml", r"must be a YAML mapping of option: value"),
-    case("stage1", "--config {inputs}/bad_value.yaml", r"'--batch_size': 'four' is not a valid integer"),
+    case("stage1", "--config {inputs}/bad_value.yaml",
+         r"'--per_device_generation_batch_size': 'four' is not a valid integer"),
     case("stage1", "--config {inputs}/twice.yaml", r"sets group_size twice"),
 ]
 
@@ -341,11 +342,12 @@ STAGE3 = [
     case("stage3", "--model_name /no/such/model", r"model '/no/such/model' not found"),
     case("stage3", "--run_name runs/..", r"'--run_name': 'runs/..' must name a run directory"),
     case("stage3", "--out_dir {inputs}/a_file", r"pass a writable --out_dir"),
-    case("stage3", "--batch_size 0", rf"'--batch_size': 0 {RANGE}"),
+    case("stage3", "--per_device_generation_batch_size 0", rf"'--per_device_generation_batch_size': 0 {RANGE}"),
     case("stage3", "--seed -5", rf"'--seed': -5 {RANGE}"),
     case("stage3", "--max_completion_length 0", rf"'--max_new_tokens': 0 {RANGE}"),
     case("stage3", "--gpu_memory_utilization 0", rf"'--gpu_memory_utilization': 0.0 {RANGE}"),
-    case("stage3", "--config {inputs}/bad_value.yaml", r"'--batch_size': 'four' is not a valid integer"),
+    case("stage3", "--config {inputs}/bad_value.yaml",
+         r"'--per_device_generation_batch_size': 'four' is not a valid integer"),
 ]
 
 

@@ -75,6 +75,8 @@ def test_holm_on_a_hand_example():
 def test_only_shared_seeds_are_paired():
     c = compare_paired({0: 0.5, 1: 0.6, 2: 0.9}, {1: 0.5, 2: 0.5, 3: 0.1})
     assert c.seeds == (1, 2) and c.differences == pytest.approx((0.1, 0.4))
+    assert c.sd == pytest.approx(0.3 / np.sqrt(2)), "sample SD (n - 1): the spread the MDE is computed from"
+    assert np.isnan(compare_paired({0: 0.5}, {0: 0.4}).sd), "one seed has no spread"
 
 
 def test_bootstrap_band_brackets_the_mean_curve():

@@ -352,16 +352,16 @@ def test_stage3_corrects_vllm_samples_with_their_logprobs(stage3_on_fake_vllm, t
     assert "sampling/importance_sampling_ratio/mean" not in pd.read_csv(off / "metrics.csv")
 
 
-def test_stage3_refuses_tensor_parallel_engines(tiny_model_dir, tmp_path):
-    """Stage 3 pushes the policy into one engine per process: a TP engine would fail at the first sync."""
+def test_stage3_has_no_tensor_parallel_option(tiny_model_dir, tmp_path):
+    """Stage 3 pushes the policy into one engine per process, so it has no --tensor_parallel_size (stage 1 has)."""
     from click.testing import CliRunner
 
     from train_grpo_softmask import main
 
     result = CliRunner().invoke(main, ["--model_name", str(tiny_model_dir), "--backend", "vllm",
-                                       "--tensor_parallel_size", "2", "--out_dir", str(tmp_path)])
+                                       "--tensor_parallel_size", "1", "--out_dir", str(tmp_path)])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
-    assert "--tensor_parallel_size > 1 is for stage 1 only" in result.stderr
+    assert "No such option '--tensor_parallel_size'" in result.stderr
     assert not any(tmp_path.iterdir())
 
 

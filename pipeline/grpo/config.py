@@ -9,21 +9,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline import samplers
+from pipeline.credit_truth import TASK as CREDIT_TASK
 from pipeline.errors import UserError
 from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
+from pipeline.grpo.softmask import NEEDS_F
 
-NEEDS_IMPORTANCE = ("delta", "variance", "shuffled")
+NEEDS_IMPORTANCE = NEEDS_F  # the soft masks that read f, as registered (register_softmask(..., needs_f=True))
 SCALE_REWARDS = ("group", "batch", "none")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers.get_scheduler names
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-IMPORTANCE_SOURCES = ("offline", "online")
+IMPORTANCE_SOURCES = ("offline", "online", "oracle")
 # Where and how a run runs, or how long and how often it reports: these may change on --resume, and they
 # are not part of the default run name. Every other argument defines the run and must match on --resume.
 RESUMABLE_ARGS = ("max_steps", "eval_every", "save_every", "save_total_limit", "logging_steps", "report_to",
-                  "devices", "num_nodes", "strategy", "batch_size", "backend", "tensor_parallel_size",
+                  "devices", "num_nodes", "strategy", "per_device_generation_batch_size", "backend",
                   "gpu_memory_utilization", "max_model_len", "dtype", "require_importance_gain",
                   "per_device_train_batch_size", "logprob_chunk_size", "entropy_every", "gradient_checkpointing",
-                  "accelerator")
+                  "accelerator", "save_only_model")
 LOCATION_ARGS = ("out_dir", "run_name", "resume")
 TRUE_HALF = ("bf16-true", "16-true", "transformer-engine", "transformer-engine-float16")  # half-precision weights
 
@@ -38,20 +40,20 @@ def check_precision(precision: str, use_peft: bool) -> None:
 @dataclass
 class GRPOArgs:
     model_name: str
-    task_name: str = "countdown"
+    task_name: str = "arithmetic"
     importance_net: str | None = None
     softmask: str = "none"
     softmask_strength: float = 1.0
     entropy_quantile: float = 0.2
     sampler: str = "balanced"
     sampler_params: dict[str, Any] = field(default_factory=dict)
-    levels: tuple[int, ...] = (0, 1, 2, 3)
+    levels: tuple[int, ...] = (0, 1)  # where the default model gets some reward (studies/cpu_arithmetic.yaml)
     num_train_prompts: int = 256
     eval_prompts: int = 8
     prompts_per_step: int = 4
     group_size: int = 8
     max_steps: int = 50
-    max_new_tokens: int = 128
+    max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
     rewards: dict[str, float] = field(default_factory=dict)
@@ -74,14 +76,14 @@ class GRPOArgs:
     eval_every: int = 10
     save_every: int = 10
     save_total_limit: int = 2
+    save_only_model: bool = False  # checkpoints without optimizer state: smaller, but they cannot be resumed
     logging_steps: int = 1
     report_to: tuple[str, ...] = ("csv",)
     backend: str = "hf"
-    tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.3  # colocated with training: leave the rest to the policy
     max_model_len: int | None = None
     dtype: str = "auto"
-    batch_size: int = 64
+    per_device_generation_batch_size: int = 64  # rows per generate call of the hf backend
     seed: int = 0
     devices: str = "1"
     num_nodes: int = 1
@@ -136,6 +138,8 @@ def validate(args: GRPOArgs) -> None:
     checked by the CLI's types (pipeline/cli.py)."""
     if args.importance == "online":
         _validate_online(args)
+    elif args.importance == "oracle":
+        _validate_oracle(args)
     elif args.softmask in NEEDS_IMPORTANCE and not args.importance_net:
         raise UserError(f"--softmask {args.softmask} needs --importance_net <stage-2 run>/export "
                         "(train one with train_importance_net.py), or --importance online")
@@ -149,9 +153,6 @@ def validate(args: GRPOArgs) -> None:
                         "--warmup_steps/--warmup_ratio")
     if args.warmup() > args.max_steps:
         raise UserError(f"{args.warmup()} warm-up steps exceed --max_steps {args.max_steps}: lower the warm-up")
-    if args.tensor_parallel_size != 1:
-        raise UserError("--tensor_parallel_size > 1 is for stage 1 only: stage 3 pushes the policy into one engine "
-                        "per training process; use --tensor_parallel_size 1 (more GPUs: --devices)")
     low, high = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
     if None not in (low, high) and low > high:
         raise UserError(f"--vllm_importance_sampling_clip_min {low} exceeds --vllm_importance_sampling_clip_max "
@@ -164,6 +165,18 @@ def validate(args: GRPOArgs) -> None:
     if args.use_peft and "fsdp" in args.strategy:
         raise UserError("--use_peft with --strategy fsdp is not supported (LoRA checkpoints hold the adapter only, "
                         "which FSDP's sharded save does not): use --strategy ddp, LoRA's trainable state is small")
+
+
+def _validate_oracle(args: GRPOArgs) -> None:
+    """``--importance oracle`` is the credit task's true f: only that task has one."""
+    if args.softmask not in NEEDS_IMPORTANCE:
+        raise UserError(f"--importance oracle feeds the soft masks that read f ({', '.join(NEEDS_IMPORTANCE)}), "
+                        f"not --softmask {args.softmask}")
+    if args.task_name != CREDIT_TASK:
+        raise UserError(f"--importance oracle is the true f of --task_name {CREDIT_TASK} (got '{args.task_name}'): "
+                        "train on it, or use --importance offline/online")
+    if args.importance_net:
+        raise UserError("--importance oracle reads no net: drop --importance_net")
 
 
 def _validate_online(args: GRPOArgs) -> None:

@@ -220,7 +220,7 @@ class OnlineImportance:
         Also keeps the states each pair's f(t) reads for the buffer, and the head's own weights for the
         log (what it would do while the fallback is on).
         """
-        self._captured, self._head_weights, self._lengths = {}, [], lengths.cpu()
+        self._captured, self._head_weights, self._head_f, self._lengths = {}, [], [], lengths.cpu()
         monotone = self.head.config.form == "monotone"  # f(t) reads the states at u = 1..t; direct: at u = t
 
         def hook(states: Tensor, rows: slice) -> Tensor:
@@ -229,6 +229,7 @@ class OnlineImportance:
                 f = self.head.curve(states, lengths[rows])
             head_weights = soft_mask_weights(softmask, part_mask, strength, f=f)
             self._head_weights.append(head_weights)
+            self._head_f.append(f)
             for row in range(rows.start + rows.start % 2, rows.stop, 2):  # sister A rows of this micro-batch
                 t = int(pairing.split[row])
                 if t > 0 and not pairing.degenerate[row]:
@@ -236,6 +237,10 @@ class OnlineImportance:
             return soft_mask_weights("none", part_mask) if self.fallback else head_weights
 
         return hook
+
+    def step_curves(self) -> Tensor:
+        """The head's f(0..T) of each of this step's completions (the credit task's log compares it with the truth)."""
+        return torch.cat(self._head_f)
 
     # ---- after the step ----------------------------------------------------------------------------
     def end_step(self, step: int, prompt_ids: list[int], rewards: np.ndarray, pairing: Pairing, mask: Tensor,

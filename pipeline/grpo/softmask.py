@@ -21,12 +21,21 @@ RawWeights = Callable[[Tensor, Tensor | None, Tensor | None, float], Tensor]
 
 SOFTMASKS: dict[str, RawWeights] = {}
 UNSCALED: set[str] = set()  # modes whose raw weights the loss uses as they are
-NEEDS_ENTROPY = ("entropy", "entropy_rescaled")  # modes that need the policy's entropies of this forward
+# Filled by register_softmask, in registration order (never by hand): the modes that read f, and those
+# that need the policy's entropies of this forward.
+NEEDS_F: list[str] = []
+NEEDS_ENTROPY: list[str] = []
 TOP_FRACTION = 0.2  # weight_stats reports the weight share of each completion's top 20% tokens
 
 
-def register_softmask(name: str, *, rescale: bool = True) -> Callable[[RawWeights], RawWeights]:
-    """``rescale=False``: ``finalize`` keeps the raw weights (no mean-1 rescaling, no uniform fallback)."""
+def register_softmask(name: str, *, rescale: bool = True, needs_f: bool = False,
+                      needs_entropy: bool = False) -> Callable[[RawWeights], RawWeights]:
+    """Register a mode under ``name``, declaring what it reads.
+
+    ``rescale=False``: ``finalize`` keeps the raw weights (no mean-1 rescaling, no uniform fallback).
+    ``needs_f``: the mode reads f, so stage 3 requires an importance source for it (``--importance_net``
+    or ``--importance online``). ``needs_entropy``: it reads the policy's entropies of this forward.
+    """
 
     def decorator(fn: RawWeights) -> RawWeights:
         if name in SOFTMASKS:
@@ -34,6 +43,10 @@ def register_softmask(name: str, *, rescale: bool = True) -> Callable[[RawWeight
         SOFTMASKS[name] = fn
         if not rescale:
             UNSCALED.add(name)
+        if needs_f:
+            NEEDS_F.append(name)
+        if needs_entropy:
+            NEEDS_ENTROPY.append(name)
         return fn
 
     return decorator
@@ -54,14 +67,14 @@ def uniform(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_qu
     return torch.ones_like(mask)
 
 
-@register_softmask("delta")
+@register_softmask("delta", needs_f=True)
 def delta(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float) -> Tensor:
     """w_t = max(f(t+1) - f(t), 0): the share of the reward variance that token t decided."""
     f = _importance(f, mask, "delta")
     return (f[:, 1:] - f[:, :-1]).clamp(min=0)
 
 
-@register_softmask("shuffled")
+@register_softmask("shuffled", needs_f=True)
 def shuffled_delta(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float) -> Tensor:
     """delta's weights, permuted at random among each completion's own valid tokens: a control.
 
@@ -78,7 +91,7 @@ def shuffled_delta(mask: Tensor, f: Tensor | None, entropies: Tensor | None, ent
     return torch.zeros_like(raw).scatter(1, target, raw.gather(1, source))
 
 
-@register_softmask("variance")
+@register_softmask("variance", needs_f=True)
 def remaining_variance(
     mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float
 ) -> Tensor:
@@ -126,14 +139,14 @@ def high_entropy_mask(
     return ((entropies >= threshold) & valid).to(mask.dtype)
 
 
-@register_softmask("entropy", rescale=False)
+@register_softmask("entropy", rescale=False, needs_entropy=True)
 def top_entropy(mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float) -> Tensor:
     """TRL's "80/20" baseline exactly: the loss keeps the top ``entropy_quantile`` tokens of the step
     by policy entropy, as they are (a completion with none kept contributes only its KL term)."""
     return high_entropy_mask(entropies, mask, entropy_quantile)
 
 
-@register_softmask("entropy_rescaled")
+@register_softmask("entropy_rescaled", needs_entropy=True)
 def top_entropy_rescaled(
     mask: Tensor, f: Tensor | None, entropies: Tensor | None, entropy_quantile: float
 ) -> Tensor:

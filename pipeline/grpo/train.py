@@ -24,13 +24,23 @@ from transformers import get_scheduler
 
 from pipeline import artifacts, samplers
 from pipeline.cli import check_lightning
+from pipeline.credit_truth import TASK as CREDIT_TASK
+from pipeline.credit_truth import OracleImportance
+from pipeline.credit_truth import step_metrics as credit_step_metrics
 from pipeline.errors import UserError
 from pipeline.generation import SamplingParams
 from pipeline.generation.select import make_backend, resolve_backend
 from pipeline.generation.vllm import VLLMOptions
 from pipeline.grpo import online_importance
 from pipeline.grpo.advantages import group_advantages, zero_std_fraction
-from pipeline.grpo.checkpoints import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.grpo.checkpoints import (
+    check_resumable,
+    checkpoint_metadata,
+    latest_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from pipeline.grpo.config import NEEDS_IMPORTANCE, RESUMABLE_ARGS, GRPOArgs, changed_on_resume, validate
 from pipeline.grpo.distributed import gather_objects, global_token_metrics, interleave_groups, reduce_metrics
 from pipeline.grpo.evaluation import evaluate
@@ -71,9 +81,8 @@ def run_dir_for(args: GRPOArgs) -> Path:
 def checkpoint_args(path: Path) -> dict[str, Any]:
     """The arguments a checkpoint was saved with, without reading its tensors (a sharded checkpoint is a
     directory whose meta.pt holds them)."""
-    file = path / "meta.pt" if path.is_dir() else path
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=not path.is_dir())["args"]
+        return checkpoint_metadata(path)["args"]
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise UserError(f"checkpoint '{path}' does not load ({type(err).__name__}): delete it to resume from the "
                         "one before, or pass a new --run_name") from err
@@ -92,6 +101,7 @@ def resume_from(run_dir: Path, args: GRPOArgs) -> Path | None:
         raise UserError(f"'{run_dir}' already has checkpoints: pass --resume to continue it or --run_name for a "
                         "new run")
     saved = checkpoint_args(checkpoint)
+    check_resumable(checkpoint)
     changed = changed_on_resume(saved, args)
     if changed:
         given = asdict(args)
@@ -111,6 +121,8 @@ def make_scheduler(args: GRPOArgs, optimizer: torch.optim.Optimizer) -> torch.op
 def _load_importance(args: GRPOArgs, tokenizer):
     if args.softmask not in NEEDS_IMPORTANCE or args.importance == "online":
         return None
+    if args.importance == "oracle":
+        return OracleImportance()
     from pipeline import importance
     from pipeline.dump import tokenizer_fingerprint
 
@@ -173,9 +185,10 @@ class Trainer:
             self.online = online_importance.from_args(args, self.policy.config.hidden_size, self.tokenizer,
                                                       self.fabric.device)
         self.backend = make_backend(args.backend, args.model_name, self.tokenizer, model=self.model,
-                                    batch_size=args.batch_size, seed=args.seed,
-                                    vllm=VLLMOptions(args.tensor_parallel_size, args.gpu_memory_utilization,
-                                                     args.max_model_len, args.dtype), device=self.fabric.device)
+                                    batch_size=args.per_device_generation_batch_size, seed=args.seed,
+                                    vllm=VLLMOptions(gpu_memory_utilization=args.gpu_memory_utilization,
+                                                     max_model_len=args.max_model_len, dtype=args.dtype),
+                                    device=self.fabric.device)
         self.params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
         self.step = 0
         self.hybrid = prepare_hybrid(args.rewards, args.reward_model, self.run_dir / "hybrid_calibration.json",
@@ -194,9 +207,11 @@ class Trainer:
             state["online"] = self.online  # the head, its optimizer, the pair buffer, the fallback switch
         return state
 
-    def save(self) -> Path:
+    def save(self, resumable: bool = False) -> Path:
+        """``resumable``: the whole state even under --save_only_model (a preemption's checkpoint)."""
         return save_checkpoint(self.fabric, self.run_dir / "checkpoints", self.step, self._state(),
-                               self.args.save_total_limit, before_publish=self._flush_tables)
+                               self.args.save_total_limit, before_publish=self._flush_tables,
+                               only_model=self.args.save_only_model and not resumable)
 
     def _flush_tables(self) -> None:
         """Rank 0, before a checkpoint appears: a checkpoint never lacks the rows up to its step."""
@@ -237,9 +252,13 @@ class Trainer:
                 raise RuntimeError(f"sampler states diverged across ranks at step {self.step}")
         return sha
 
-    def _weights(self, exp: Experience, mask: torch.Tensor, entropies: torch.Tensor | None) -> torch.Tensor:
+    def _weights(self, exp: Experience, mask: torch.Tensor, entropies: torch.Tensor | None,
+                 answers: list[str]) -> torch.Tensor:
         f = None
-        if self.importance is not None:
+        if isinstance(self.importance, OracleImportance):
+            f = self.importance.score_padded(answers, exp.texts, exp.completion_mask.sum(1).long().tolist(),
+                                             width=exp.completion_len).to(mask.device)
+        elif self.importance is not None:
             with self.fabric.autocast():
                 f = self.importance.score_padded(exp.prompt_ids, [c.token_ids for c in exp.completions],
                                                  width=exp.completion_len).to(mask.device)
@@ -288,15 +307,17 @@ class Trainer:
             with reference_model(self.model, self.reference) as reference, fabric.autocast():
                 batch.ref_logps, _ = score(reference, batch, size, args.temperature, chunk_size=chunk)
 
+        answers = [str(self.rows[i].get("answer")) for i in mine for _ in range(args.group_size)]
+
         def entropy_mask(entropies: torch.Tensor) -> torch.Tensor:
-            return self._weights(exp, mask, entropies)
+            return self._weights(exp, mask, entropies, answers)
 
         online_hook = None
         if self.online is not None:
             online_hook = self.online.weights_hook(args.softmask, args.softmask_strength, mask,
                                                    exp.completion_mask.sum(1).long().to(fabric.device), pairing)
         elif args.softmask not in NEEDS_ENTROPY:
-            batch.weights = self._weights(exp, mask, None)
+            batch.weights = self._weights(exp, mask, None, answers)
         log_entropy = args.entropy_every > 0 and (self.step + 1) % args.entropy_every == 0
         loss_options = {"beta": args.beta, "epsilon_low": args.epsilon, "epsilon_high": args.epsilon_high,
                         "importance_sampling_level": args.importance_sampling_level,
@@ -312,6 +333,9 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         weights, entropies = result.weights, result.entropies
+        credit = {} if args.task_name != CREDIT_TASK else credit_step_metrics(
+            answers, exp.texts, mask if weights is None else weights, mask,
+            None if self.online is None else self.online.step_curves())
         self.scheduler.step()
         self.backend.sync_weights(self.model)
         logged = {"loss": result.loss, **result.metrics}  # global values: this rank's shard averaged over ranks
@@ -342,6 +366,7 @@ class Trainer:
             **logged,
             **global_token_metrics(fabric, mask, entropies, weights),  # entropy, weights/*
             **online_metrics,
+            **credit,
             **{f"sampler/{k}": float(v) for k, v in self.sampler.probabilities().items()},
         }
         samples = [{**{column: values[i] for column, values in exp.reward_extra.items() if len(values) == len(exp.texts)},
@@ -405,7 +430,7 @@ class Trainer:
                 self.save()
             stop = fabric.all_reduce(torch.tensor(float(bool(preempted)), device=fabric.device), reduce_op="max")
             if stop.item() > 0:
-                path = self.save()
+                path = self.save(resumable=True)
                 log.info("signal %s: saved %s at step %d; requeueing", preempted.received, path, self.step)
                 code = requeue_slurm_job() if fabric.is_global_zero else 0
                 sys.exit(fabric.broadcast(code))

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, read_json, write_json
 from pipeline.cli import check_lightning, lightning_devices
+from pipeline.credit_truth import compare_export
 from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
 from pipeline.importance.data import PairDataModule, dump_reward_column
@@ -289,10 +290,13 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
                              validation=validation)
     plot_calibration(final["calibration"], run_dir / "calibration.png")
     plot_f_by_position(final["f_by_position"], run_dir / "f_by_position.png")
+    scorer = load(export_dir)
     if report_examples > 0:
-        write_report(load(export_dir), tokenizer, _report_examples(dm, report_examples), run_dir / "report.html")
+        write_report(scorer, tokenizer, _report_examples(dm, report_examples), run_dir / "report.html")
+    truth = compare_export(scorer, rollouts, np.unique(dm.val.prompt_id))  # the credit task's known f; else None
+    metadata.update(truth=truth)
     metadata.update(status="done", finished=now_iso(), runtime_s=round(time.time() - t0, 2),
                     epochs_trained=trainer.current_epoch, chosen=chosen, export=str(export_dir),
                     features_computed_rank0=module.features_computed, validation=validation, final=final)
     write_json(run_dir / "metadata.json", metadata)
-    return {"run_dir": str(run_dir), "export": str(export_dir), "chosen": chosen, **final}
+    return {"run_dir": str(run_dir), "export": str(export_dir), "chosen": chosen, "truth": truth, **final}

@@ -37,6 +37,7 @@ class Analysis:
     reward_window: int = 3  # steps in the moving average of the reward (final reward, threshold)
     alpha: float = 0.05  # significance level for the Holm-adjusted p-values
     bootstrap_samples: int = 10_000
+    effect_of_interest: dict[str, float] = field(default_factory=dict)  # metric -> difference worth finding
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,16 @@ def _arms(value: Any, source: Path) -> dict[str, dict[str, Any]]:
     return arms
 
 
+def _check_effects(effects: Any, source: Path) -> None:
+    """The report says how many seeds each of these differences would take to detect."""
+    from pipeline.study.results import METRICS  # results reads Analysis from this module
+
+    if not isinstance(effects, dict) or not set(effects) <= set(METRICS) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in effects.values()):
+        raise _fail(source, f"analysis.effect_of_interest maps a metric ({', '.join(METRICS)}) to a difference > 0, "
+                            "e.g. {final_accuracy: 0.05}")
+
+
 def parse_study(data: Any, source: Path) -> Study:
     if not isinstance(data, dict):
         raise _fail(source, "a study file is a YAML mapping (name, arms, seeds, baseline, ...)")
@@ -146,6 +157,7 @@ def parse_study(data: Any, source: Path) -> Study:
     analysis = _dataclass(Analysis, data.get("analysis"), "analysis", source)
     if analysis.reward_window < 1 or not 0 < analysis.alpha < 1 or analysis.bootstrap_samples < 100:
         raise _fail(source, "analysis: need reward_window >= 1, 0 < alpha < 1 and bootstrap_samples >= 100")
+    _check_effects(analysis.effect_of_interest, source)
     return Study(name=name, model_name=str(data.get("model_name", DEFAULT_MODEL)),
                  task_name=str(data.get("task_name", "countdown")), out_dir=str(data.get("out_dir", "rollout_dump")),
                  stage1=stage1, rollouts=rollouts, stage2=stage2, export=export,

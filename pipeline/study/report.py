@@ -2,7 +2,9 @@
 
 Every arm is compared with the baseline on the seeds both finished: per-seed differences, their
 mean with a 95% bootstrap CI, the exact sign-flip p-value, and Holm's correction across the arms
-(per metric). Verdicts use the Holm-adjusted p-value at the study's ``alpha``.
+(per metric). Verdicts use the Holm-adjusted p-value at the study's ``alpha``; every comparison also
+states its minimum detectable effect (MDE: what the test finds with 80% power at its seed count) and
+the seeds a difference would need, and a CI reaching past the MDE on both sides reads "too small to tell".
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ from pipeline.study.results import (
     summarize,
 )
 from pipeline.study.statistics import (
+    MAX_EXACT_SEEDS,
+    POWER,
     PairedComparison,
     bootstrap_mean_ci,
     compare_paired,
     holm,
+    minimum_detectable_effect,
+    seeds_needed,
     smallest_pvalue,
 )
 
@@ -54,14 +60,31 @@ class ArmComparison:
     metric: str
     paired: PairedComparison
     p_holm: float
+    family: int  # comparisons Holm corrects over (this metric's arms with paired seeds)
+
+    def mde(self, alpha: float) -> float:
+        """The difference this comparison detects with 80% power, from its own per-seed spread."""
+        return minimum_detectable_effect(self.paired.sd, self.paired.n, alpha, self.family)
+
+    def seeds_for(self, effect: float, alpha: float) -> int | None:
+        return seeds_needed(effect, self.paired.sd, alpha, self.family)
 
     def verdict(self, alpha: float) -> str:
-        if self.paired.n == 0:
+        """Significant by the test; else "too small to tell" when the CI reaches past -MDE or +MDE, or the test
+        cannot reject at all (MDE inf): an effect this study would have detected is still possible, so the
+        missing significance says nothing; else "not significant": the CI rules out detectable effects.
+
+        Past either end, not both: a 95% CI is about 2 standard errors either side of the mean and the
+        MDE at 80% power about 2.8 or more, so a CI practically never reaches past both (in none of 1,500 simulated non-significant studies
+        of 6 to 12 seeds)."""
+        c = self.paired
+        if c.n == 0:
             return "no paired seeds yet"
-        if not self.p_holm < alpha:
-            return "not significant"
-        better = (self.paired.mean > 0) == METRICS[self.metric][2]
-        return f"significant, {self.arm} {'better' if better else 'worse'}"
+        if self.p_holm < alpha:
+            better = (c.mean > 0) == METRICS[self.metric][2]
+            return f"significant, {self.arm} {'better' if better else 'worse'}"
+        mde = self.mde(alpha)
+        return "too small to tell" if math.isinf(mde) or c.ci_low < -mde or c.ci_high > mde else "not significant"
 
     def sentence(self, alpha: float) -> str:
         label, fmt, _ = METRICS[self.metric]
@@ -70,7 +93,33 @@ class ArmComparison:
             return f"{self.arm} vs {self.baseline}: no seed finished in both arms yet"
         return (f"{self.arm} vs {self.baseline}: {fmt.format(c.mean)} {label} [{fmt.format(c.ci_low)}, "
                 f"{fmt.format(c.ci_high)}], p = {c.p_value:.2g} (Holm {self.p_holm:.2g}) over {c.n} seeds: "
-                f"{self.verdict(alpha)}")
+                f"{self.verdict(alpha)} ({_mde_phrase(self, alpha)})")
+
+
+def _magnitude(fmt: str, value: float) -> str:
+    return "+/-" + fmt.format(abs(value)).lstrip("+")
+
+
+def _mde_text(c: ArmComparison, alpha: float) -> str:
+    mde = c.mde(alpha)
+    if math.isnan(mde):
+        return "n/a"
+    return "inf" if math.isinf(mde) else _magnitude(METRICS[c.metric][1], mde)
+
+
+def _mde_phrase(c: ArmComparison, alpha: float) -> str:
+    if math.isinf(c.mde(alpha)):
+        return f"no difference is detectable with {c.paired.n} seeds"
+    return f"MDE {_mde_text(c, alpha)} at {POWER:.0%} power"
+
+
+def _seeds_text(c: ArmComparison, effect: float, alpha: float) -> str:
+    if math.isnan(c.paired.sd):
+        return "n/a (one seed: no spread yet)"
+    needed = c.seeds_for(effect, alpha)
+    if needed is not None:
+        return str(needed)
+    return "never" if effect == 0 else f"more than {MAX_EXACT_SEEDS}"
 
 
 def per_seed(summary: pd.DataFrame, arm: str, metric: str) -> dict[int, float]:
@@ -87,7 +136,8 @@ def compare_arms(summary: pd.DataFrame, arms: list[str], baseline: str,
         paired = [compare_paired(per_seed(summary, arm, metric), base, samples=analysis.bootstrap_samples)
                   for arm in arms if arm != baseline]
         adjusted = holm([c.p_value for c in paired])
-        out[metric] = [ArmComparison(arm, baseline, metric, c, p) for arm, c, p in
+        family = sum(c.n > 0 for c in paired)
+        out[metric] = [ArmComparison(arm, baseline, metric, c, p, family) for arm, c, p in
                        zip([a for a in arms if a != baseline], paired, adjusted, strict=True)]
     return out
 
@@ -138,13 +188,37 @@ def _arm_table(summary: pd.DataFrame, arms: list[str], samples: int) -> tuple[li
     return header, rows
 
 
-def _comparison_rows(comparisons: dict[str, list[ArmComparison]], alpha: float) -> list[dict[str, Any]]:
+def _comparison_rows(comparisons: dict[str, list[ArmComparison]], analysis: Analysis) -> list[dict[str, Any]]:
+    alpha, effects = analysis.alpha, analysis.effect_of_interest
     return [{"arm": c.arm, "baseline": c.baseline, "metric": c.metric, "seeds": c.paired.n,
              "mean_difference": c.paired.mean, "ci95_low": c.paired.ci_low, "ci95_high": c.paired.ci_high,
              "p_value": c.paired.p_value, "p_holm": c.p_holm, "verdict": c.verdict(alpha),
+             "sd_difference": c.paired.sd, "mde80": c.mde(alpha), "holm_family": c.family,
+             "seeds_for_observed": c.seeds_for(c.paired.mean, alpha) if c.paired.n else None,
+             "effect_of_interest": effects.get(c.metric),
+             "seeds_for_effect_of_interest": c.seeds_for(effects[c.metric], alpha) if c.metric in effects else None,
              "differences": " ".join(f"{s}:{d:+.4f}" for s, d in zip(c.paired.seeds, c.paired.differences,
                                                                      strict=True))}
             for rows in comparisons.values() for c in rows]
+
+
+def _seeds_lines(comparisons: dict[str, list[ArmComparison]], analysis: Analysis) -> list[str]:
+    """Per metric: the seeds the configured effect of interest and each arm's observed difference would need."""
+    lines = []
+    for metric, rows in comparisons.items():
+        rows = [c for c in rows if c.paired.n]
+        if not rows:
+            continue
+        label, fmt, _ = METRICS[metric]
+        parts = []
+        if metric in analysis.effect_of_interest:
+            effect = analysis.effect_of_interest[metric]
+            parts.append(f"seeds needed for an effect of {_magnitude(fmt, effect)} (analysis.effect_of_interest): "
+                         + ", ".join(f"{c.arm} {_seeds_text(c, effect, analysis.alpha)}" for c in rows))
+        parts.append("seeds needed for an effect of the observed size: " + ", ".join(
+            f"{c.arm} {_seeds_text(c, c.paired.mean, analysis.alpha)} ({fmt.format(c.paired.mean)})" for c in rows))
+        lines.append(f"{label}: " + "; ".join(parts))
+    return lines
 
 
 def _importance_section(doc: Document, plan: StudyPlan, evidence: dict[str, Any] | None, images: list[str]) -> None:
@@ -202,13 +276,15 @@ def build_document(plan: StudyPlan, summary: pd.DataFrame, comparisons: dict[str
                   f"; never = {steps + 1}). Top-20% weight mass: share of each completion's loss weight on its "
                   "top 20% tokens (0.2 = uniform).")
     doc.heading("Against the baseline (paired over seeds)")
-    doc.table(["arm", "metric", "difference [95% CI]", "per seed", "p (exact sign-flip)", "p (Holm)", "verdict"],
+    doc.table(["arm", "metric", "difference [95% CI]", "per seed", f"MDE ({POWER:.0%} power)", "p (exact sign-flip)",
+               "p (Holm)", "verdict"],
               [[c.arm, METRICS[c.metric][0],
                 f"{METRICS[c.metric][1].format(c.paired.mean)} [{METRICS[c.metric][1].format(c.paired.ci_low)}, "
                 f"{METRICS[c.metric][1].format(c.paired.ci_high)}]" if c.paired.n else "n/a",
-                " ".join(METRICS[c.metric][1].format(d) for d in c.paired.differences),
+                " ".join(METRICS[c.metric][1].format(d) for d in c.paired.differences), _mde_text(c, analysis.alpha),
                 f"{c.paired.p_value:.3g}", f"{c.p_holm:.3g}", c.verdict(analysis.alpha)]
                for rows in comparisons.values() for c in rows])
+    doc.bullets(_seeds_lines(comparisons, analysis))
     _importance_section(doc, plan, evidence, images["importance"])
     doc.heading("Curves")
     for name, caption in images["study"]:
@@ -221,6 +297,12 @@ def build_document(plan: StudyPlan, summary: pd.DataFrame, comparisons: dict[str
         "and tends to be too narrow. An interval that excludes 0 suggests a real difference.",
         "p is the exact two-sided sign-flip test over all 2^n sign patterns of the per-seed differences; Holm "
         f"adjusts it for comparing {len(arms) - 1} arm(s) with the baseline. Significant = Holm p < {analysis.alpha}.",
+        f"MDE: the smallest true mean difference the test finds with {POWER:.0%} power at this many seeds, from the "
+        "standard deviation of the per-seed differences, at Holm's strictest level alpha / (arms compared); inf "
+        "when the exact test cannot reach that level. Seeds needed assume that spread stays as observed. Too small "
+        "to tell = not significant while the CI reaches past -MDE or +MDE (or MDE = inf): an effect this study "
+        "would have detected is still possible, so the lack of significance says nothing. Not significant = the "
+        "CI lies within +/-MDE: it rules out the effects the study could detect.",
         "shuffled puts delta's weights on random tokens of the same completion: if delta beats none but not "
         "shuffled, the gain comes from reweighting as such, not from finding the right tokens.",
         "summary.csv has one row per run; comparisons.csv every arm x metric comparison with its per-seed differences.",
@@ -271,7 +353,8 @@ def aggregate(plan: StudyPlan) -> tuple[Path, list[str]]:
     comparisons = compare_arms(summary, list(plan.study.arms), plan.study.baseline, analysis)
     out = plan.study_dir
     artifacts.atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
-    table = pd.DataFrame(_comparison_rows(comparisons, analysis.alpha))
+    table = pd.DataFrame(_comparison_rows(comparisons, analysis)).astype(
+        {"seeds_for_observed": "Int64", "seeds_for_effect_of_interest": "Int64"})
     artifacts.atomic_write(out / "comparisons.csv", lambda tmp: table.to_csv(tmp, index=False))
     colors = {arm: f"C{i}" for i, arm in enumerate(plan.study.arms)}
     images = {"study": _study_images(plan, results, comparisons, colors), "importance": _copy_importance_plots(plan)}

@@ -19,6 +19,7 @@ import click
 import yaml
 
 from pipeline.artifacts import atomic_write
+from pipeline.cli import option_spellings
 from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,15 +35,18 @@ def command(stage: str) -> click.Command:
 
 
 def parse(stage: str, options: dict[str, Any], where: str) -> dict[str, Any]:
-    """The values the stage would run with, given ``options`` as its --config file; bad ones -> UserError."""
+    """The values the stage would run with, given ``options`` as its --config file (any spelling its --config
+    accepts); bad ones -> UserError."""
     cmd = command(stage)
-    known = {p.name for p in cmd.params} - {"config"}
-    unknown = sorted(set(options) - known)
+    spellings = option_spellings(cmd)
+    spellings.pop("config", None)
+    unknown = sorted(key for key in options if str(key).replace("-", "_") not in spellings)
     if unknown:
         raise UserError(f"{where}: unknown option(s) {', '.join(unknown)} for {SCRIPTS[stage]}.py "
                         f"(see python {SCRIPTS[stage]}.py --help)")
     try:  # the base class's make_context: the stage's own one prints and exits on a usage error
-        ctx = click.Command.make_context(cmd, SCRIPTS[stage], [], default_map=options)
+        ctx = click.Command.make_context(cmd, SCRIPTS[stage], [], default_map={
+            spellings[str(key).replace("-", "_")].name: value for key, value in options.items()})
     except click.UsageError as err:
         raise UserError(f"{where}: {err.format_message()}") from err
     return ctx.params
