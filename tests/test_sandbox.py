@@ -1,4 +1,5 @@
-"""The sandbox against hostile candidates, in every isolation mode this machine has.
+"""The sandbox against hostile candidates, in every isolation mode this machine has, and honest ones
+that start processes (they score in full: processes are contained by count and lifetime, not refused).
 
 Bombs (fork, thread, memory, disk) only run once the start-up probe has shown, in this session and
 for that mode, that the process limit holds for the sandbox uid; otherwise they are skipped.
@@ -15,12 +16,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.sandbox import SandboxUnavailable, isolation, probe, run_tests
+from pipeline.sandbox import SandboxUnavailable, grading, isolation, probe, run_tests, seccomp
 from pipeline.sandbox.cgroup import CgroupUnavailable, RunCgroups, delegated
 from pipeline.sandbox.execute import execute
 from pipeline.sandbox.procs import processes
@@ -31,6 +33,17 @@ KILL_AFTER = 1.5  # for runs that should be killed: short, so the file stays fas
 SLACK = 2.0  # start-up, SIGKILL and the sweep
 TESTS = [{"args": [i], "expected": 2 * i} for i in range(3)]
 CORRECT = "def f(x):\n    return 2 * x\n"
+SUBPROCESS_SOLUTION = ("import subprocess, sys\ndef f(x):\n"
+                       "    done = subprocess.run([sys.executable, '-c', f'print(2 * {x})'], capture_output=True,"
+                       " text=True, check=True)\n    return int(done.stdout)\n")
+POOL_SOLUTION = ("import multiprocessing\ndef double(x):\n    return 2 * x\n\ndef f(x):\n"
+                 "    with multiprocessing.get_context({method!r}).Pool(2) as pool:\n"
+                 "        return sum(pool.map(double, [x, 0]))\n")
+PROCESS_SOLUTION = ("import multiprocessing\ndef work(x, queue):\n    queue.put(2 * x)\n\ndef f(x):\n"
+                    "    queue = multiprocessing.Queue()\n"
+                    "    worker = multiprocessing.Process(target=work, args=(x, queue))\n"
+                    "    worker.start()\n    result = queue.get()\n    worker.join()\n"
+                    "    return result if worker.exitcode == 0 else None\n")
 
 
 @pytest.fixture(scope="module", params=isolation.MODES)
@@ -39,6 +52,14 @@ def sandbox(request):
         return probe(request.param)
     except SandboxUnavailable as err:
         pytest.skip(f"{request.param}: {err}")
+
+
+@pytest.fixture(autouse=True)
+def nothing_outlives_its_sandbox(caplog):
+    """As root, the uid sweep after each run warns of any process that the end of the run's PID
+    namespace should have taken along: none may (leftovers() only sees what the sweep missed)."""
+    yield
+    assert not [r.getMessage() for r in caplog.records if "outlived" in r.getMessage()]
 
 
 @pytest.fixture
@@ -68,8 +89,10 @@ def test_probe_finds_isolation_where_the_tools_exist():
         pytest.skip("not root and no bubblewrap: refusing is the expected outcome here")
     report = probe()
     assert report.mode in isolation.MODES and report.checks["uid"] != 0
-    assert report.checks["forks"] < report.limits.processes
-    assert report.mode in report.summary()
+    assert 0 < report.checks["forks"] < report.limits.processes
+    assert report.checks["detached_sleeper"] and report.checks["outlived_run"] == 0
+    assert report.checks["oom_score_adj"] == 1000
+    assert report.mode in report.summary() and "every descendant killed at the end of a run" in report.summary()
 
 
 def test_without_isolation_code_tasks_are_refused_in_one_line(monkeypatch):
@@ -119,8 +142,10 @@ def test_an_ordinary_user_gets_bubblewrap_under_its_own_uid():
                   "try:\n    r = probe()\nexcept SandboxUnavailable as err:\n"
                   "    print(json.dumps({'refused': str(err)})); sys.exit()\n"
                   f"res = run_tests({CORRECT!r}, 'f', {TESTS!r}, report=r)\n"
+                  f"forked = run_tests({SUBPROCESS_SOLUTION!r}, 'f', {TESTS!r}, report=r)\n"
                   "print(json.dumps({'mode': r.mode, 'as_root': r.as_root, 'forks': r.checks['forks'],"
-                  " 'limit': r.limits.processes, 'uid': r.checks['uid'], 'passed': res.passed}))\n")
+                  " 'limit': r.limits.processes, 'uid': r.checks['uid'], 'outlived': r.checks['outlived_run'],"
+                  " 'passed': res.passed, 'forked_passed': forked.passed}))\n")
         proc = subprocess.run([shutil.which("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups",
                                isolation.SYSTEM_PYTHON, "-B", "-c", script, str(copy)],
                               capture_output=True, text=True, timeout=60, cwd="/", env={"PATH": isolation.TOOL_PATH})
@@ -131,8 +156,8 @@ def test_an_ordinary_user_gets_bubblewrap_under_its_own_uid():
         assert "\n" not in out["refused"] and "code tasks refused" in out["refused"]
     else:
         assert out == {"mode": "bubblewrap", "as_root": False, "forks": out["forks"], "limit": out["limit"],
-                       "uid": 65534, "passed": 3}
-        assert out["forks"] < out["limit"]
+                       "uid": 65534, "outlived": 0, "passed": 3, "forked_passed": 3}
+        assert 0 < out["forks"] < out["limit"]
 
 
 @pytest.mark.parametrize("code, passed, status", [
@@ -261,8 +286,7 @@ def test_os_kill_minus_one_reaches_nothing_outside(sandbox):
                 subprocess.Popen([shutil.which("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups",
                                   "sleep", "30"]) if os.geteuid() == 0 else subprocess.Popen(["sleep", "30"])]
     try:
-        code = ("import os, time\ndef f(x):\n    try:\n        if os.fork() == 0:\n            time.sleep(60)\n"
-                "    except OSError:\n        pass\n"
+        code = ("import os, time\ndef f(x):\n    if os.fork() == 0:\n        time.sleep(60)\n"
                 "    try:\n        os.kill(-1, 9)  # every process we may signal but ourselves\n"
                 "    except ProcessLookupError:  # none: we are alone\n        pass\n    return 2 * x\n")
         result = run(sandbox, code)
@@ -275,20 +299,77 @@ def test_os_kill_minus_one_reaches_nothing_outside(sandbox):
 
 
 def test_a_double_forked_survivor_dies_with_the_run(sandbox):
-    code = ("import os, time\ndef f(x):\n    try:\n        if os.fork() == 0:\n            os.setsid()\n"
-            "            if os.fork() == 0:\n                time.sleep(60)\n            os._exit(0)\n"
-            "    except OSError:  # where the filter refuses fork\n        pass\n    return 2 * x\n")
+    code = ("import os, time\ndef f(x):\n    if os.fork() == 0:\n        os.setsid()\n"
+            "        if os.fork() == 0:\n            time.sleep(60)\n        os._exit(0)\n    return 2 * x\n")
     assert run(sandbox, code).passed == 3  # run() checks nothing is left
+
+
+# the first test starts a daemonised sleeper (own session, its parent gone) and passes once it runs
+DAEMON = ("import ctypes, os, time\ndef f(x):\n    if x == 0:\n        ready = os.pipe()\n        if os.fork() == 0:\n"
+          "            os.setsid()\n            if os.fork() == 0:\n                os.write(ready[1], b'.')\n"
+          "                time.sleep(60)\n            os._exit(0)\n        return 2 * x if os.read(ready[0], 1) else None\n")
+
+
+@pytest.mark.parametrize("end, timeout, passed, status", [
+    ("    return 2 * x\n", TIMEOUT, 3, "completed"),
+    ("    ctypes.string_at(0)  # SIGSEGV: the harness crashes\n", TIMEOUT, 1, "exited_early"),
+    ("    while True:\n        pass\n", KILL_AFTER, 1, "timeout"),
+], ids=["returns", "crashes", "times-out"])
+def test_a_background_child_is_killed_however_the_run_ends(sandbox, end, timeout, passed, status):
+    result = run(sandbox, DAEMON + end, timeout=timeout)  # run() checks nothing is left
+    assert (result.passed, result.status) == (passed, status)
+
+
+@pytest.mark.parametrize("code", [SUBPROCESS_SOLUTION, POOL_SOLUTION.format(method="fork"),
+                                  POOL_SOLUTION.format(method="spawn"), PROCESS_SOLUTION],
+                         ids=["subprocess", "pool-fork", "pool-spawn", "process"])
+def test_honest_solutions_that_start_processes_score_in_full(sandbox, code):
+    result = run(sandbox, code)
+    assert (result.passed, result.total, result.status) == (3, 3, "completed")
+
+
+def test_forking_solutions_get_the_full_coding_reward():
+    """The trainer's path: the coding task's reward, run_batch, the default mode."""
+    from pipeline.tasks.coding import tests_passed
+
+    try:
+        probe()
+    except SandboxUnavailable as err:
+        pytest.skip(str(err))
+    solutions = [f"```python\n{code}```" for code in (SUBPROCESS_SOLUTION, POOL_SOLUTION.format(method="fork"))]
+    rewards = tests_passed(["q"] * 2, solutions, entry_point=["f"] * 2, tests=[json.dumps(TESTS)] * 2)
+    assert rewards == [1.0, 1.0]
+    assert leftovers() == []
+
+
+def bomb(report, code: str) -> tuple[grading.TestResult, int]:
+    """run() while counting, from outside, the tasks under the sandbox uids: the result and their peak."""
+    peak, stop = [0], threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], sum(p.threads for p in processes() if p.uid in POOL.claimed))
+            time.sleep(0.01)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        return run(report, code, timeout=KILL_AFTER), peak[0]
+    finally:
+        stop.set()
+        counter.join()
 
 
 @pytest.mark.parametrize("code", [
     "import os\ndef f(x):\n    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n",
     "import threading\ndef spin():\n    while True:\n        try:\n            threading.Thread(target=spin).start()\n"
     "        except BaseException:\n            pass\n\ndef f(x):\n    spin()\n",
-])
+], ids=["fork", "thread"])
 def test_fork_and_thread_bombs_are_contained(confined, code):
-    result = run(confined, code, timeout=KILL_AFTER)
+    result, peak = bomb(confined, code)  # run() checks nothing is left
     assert (result.passed, result.status) == (0, "timeout")
+    if os.geteuid() == 0:  # a dedicated uid: its tasks are the run's, launchers included
+        assert confined.limits.processes // 2 < peak <= confined.limits.processes
 
 
 def test_a_10gb_allocation_fails(confined):
@@ -354,7 +435,8 @@ def f(target_mib):
         held += 16
     return held
 """
-FORK_BALLOON = """
+FORK_CHILD_MIB = 64
+FORK_BALLOON = f"""
 import os, time
 def f(target_mib):
     held, ready = 0, os.pipe()
@@ -364,30 +446,41 @@ def f(target_mib):
         except OSError:
             break
         if pid == 0:
-            block = b'x' * (512 << 20)
-            os.write(ready[1], b'.')
-            time.sleep(60)
+            try:
+                block = b'x' * ({FORK_CHILD_MIB} << 20)
+                os.write(ready[1], b'.')
+                time.sleep(60)
+            finally:
+                os._exit(0)
         os.read(ready[0], 1)
-        held += 512
+        held += {FORK_CHILD_MIB}
     return held
 """
 
 
+def balloon_target_mib(limits: isolation.Limits) -> int:
+    return (limits.run_memory_bytes >> 20) + 512
+
+
 def held_mib(report, balloon: str) -> int | None:
     """What a balloon reached, aiming 512 MiB past the per-run total; None: the run was killed."""
-    target = (report.limits.run_memory_bytes >> 20) + 512
-    record = execute(report.mode, report.limits, balloon, "f", [[target]], BALLOON_TIMEOUT, report.cgroups).records[0]
-    assert leftovers() == []
+    target = balloon_target_mib(report.limits)
+    run = execute(report.mode, report.limits, balloon, "f", [[target]], BALLOON_TIMEOUT, report.cgroups)
+    assert run.survivors == 0 and leftovers() == []
+    record = run.records[0]
     return record["value"] if record and "value" in record else None
 
 
 @pytest.mark.parametrize("balloon", [SHM_BALLOON, MEMFD_BALLOON, FORK_BALLOON], ids=["shm", "memfd", "fork"])
 def test_a_run_holds_no_more_than_its_memory_total(confined, balloon):
     held = held_mib(confined, balloon)
-    if confined.checks["seccomp"]:  # refused: the balloon stops where it began, or at its address space
-        assert held is not None and held <= confined.limits.address_space_bytes >> 20
-    else:  # only the memory cgroup: past memory.max the kernel kills the run
-        assert held is None or held <= confined.limits.run_memory_bytes >> 20
+    limits = confined.limits
+    if balloon is not FORK_BALLOON and confined.checks["seccomp"]:  # refused: it stops where it began,
+        assert held is not None and held <= limits.address_space_bytes >> 20  # or at its address space
+    elif confined.cgroups:  # past memory.max the kernel kills the run
+        assert held is None or held <= limits.run_memory_bytes >> 20
+    else:  # the filter alone: RLIMIT_NPROC stops the children short of the target, each under RLIMIT_AS
+        assert held is not None and held <= FORK_CHILD_MIB * limits.processes < balloon_target_mib(limits)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the unshare fallback needs root")
@@ -423,15 +516,81 @@ def test_without_the_filter_or_a_memory_cgroup_code_tasks_are_refused(monkeypatc
         probe.cache_clear()
 
 
-def test_a_run_is_one_process_with_threads(sandbox):
+def available_modes() -> list[str]:
+    return [mode for mode in isolation.modes_for_this_user() if not isolation.missing_tools(mode)]
+
+
+def test_a_process_limit_that_does_not_hold_is_refused_in_one_line(monkeypatch):
+    """Where RLIMIT_NPROC is not what Limits says (here: 16 more), forks pass the limit: refused."""
+    execute_module = sys.modules["pipeline.sandbox.execute"]
+    real = execute_module.command
+
+    def loose(mode: str, uid: int, limits: isolation.Limits, timeout_s: float) -> list[str]:
+        return [f"--nproc={int(arg.split('=')[1]) + 16}" if arg.startswith("--nproc=") else arg
+                for arg in real(mode, uid, limits, timeout_s)]
+
+    monkeypatch.setattr(execute_module, "command", loose)
+    probe.cache_clear()
+    try:
+        for mode in available_modes():
+            with pytest.raises(SandboxUnavailable) as err:
+                probe(mode)
+            assert "\n" not in str(err.value) and "under RLIMIT_NPROC 24, limit ignored" in str(err.value)
+    finally:
+        probe.cache_clear()
+
+
+def test_a_descendant_that_outlives_the_run_is_refused_and_killed():
+    """A process under the probe's sleeper name still running after the run: refused, and killed."""
+    if not available_modes():
+        pytest.skip("no isolation tools here")
+    probe.cache_clear()
+    name = f"rvgrpo-{os.getpid()}".encode()
+    canary = subprocess.Popen([sys.executable, "-c", f"import ctypes, time\nctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0)\n"
+                               "print(flush=True)\ntime.sleep(30)\n"], stdout=subprocess.PIPE)
+    try:
+        canary.stdout.readline()  # named
+        with pytest.raises(SandboxUnavailable) as err:
+            probe(available_modes()[0])
+        assert "\n" not in str(err.value) and "outlived_run is 1, expected 0" in str(err.value)
+        assert canary.wait(timeout=5) == -9
+    finally:
+        canary.kill()
+        canary.wait()
+        canary.stdout.close()
+        probe.cache_clear()
+
+
+def test_new_namespaces_and_ptrace_stay_refused_to_processes(sandbox):
+    """clone may make processes, not namespaces (a user namespace could mount an uncapped tmpfs);
+    no process may trace another (before Linux 4.8 a tracer could rewrite calls the filter passed)."""
     if not sandbox.checks["seccomp"]:
         pytest.skip(f"{sandbox.mode}: no seccomp filter here")
-    code = ("import subprocess, threading\ndef f(x):\n    out = []\n"
-            "    workers = [threading.Thread(target=out.append, args=(i,)) for i in range(4)]\n"
-            "    for w in workers:\n        w.start()\n    for w in workers:\n        w.join()\n"
-            "    try:\n        subprocess.run(['/usr/bin/true'])\n        return 'started a process'\n"
-            "    except PermissionError:\n        return sorted(out)\n")
-    assert run(sandbox, code, [{"args": [0], "expected": [0, 1, 2, 3]}]).passed == 1
+    clone = seccomp.ARCHES[seccomp.machine()][1]["clone"]
+    code = (
+        "import ctypes, os, signal, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "FLAGS = {'user': 0x10000000, 'net': 0x40000000, 'pid': 0x20000000, 'mount': 0x00020000,\n"
+        "         'ipc': 0x08000000, 'uts': 0x04000000, 'cgroup': 0x02000000}\n"
+        "def f(x):\n"
+        "    worked = []\n"
+        "    for name, flag in FLAGS.items():\n"
+        f"        pid = libc.syscall(ctypes.c_long({clone}), ctypes.c_long(flag | 17), *[ctypes.c_long(0)] * 4)\n"
+        "        if pid == 0:\n"
+        "            os._exit(0)\n"
+        "        if pid > 0:\n"
+        "            os.waitpid(pid, 0)\n"
+        "            worked.append(name)\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        "        time.sleep(60)\n"
+        "    if libc.ptrace(16, child, None, None) == 0:  # PTRACE_ATTACH\n"
+        "        worked.append('ptrace')\n"
+        "    os.kill(child, signal.SIGKILL)\n"
+        "    os.waitpid(child, 0)\n"
+        "    return worked\n"
+    )
+    assert run(sandbox, code, [{"args": [0], "expected": []}]).passed == 1
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the x32 ABI exists on x86_64 only")
@@ -496,12 +655,15 @@ def test_no_key_reaches_a_run_from_the_trainer_or_an_earlier_run(sandbox):
 
 def test_a_run_cgroup_gets_its_limit_and_the_command_its_pid(tmp_path):
     """The prefix moves the shell into the run's cgroup and execs, so the command itself is inside."""
-    with RunCgroups(tmp_path).run(64 << 20) as enter:
+    with RunCgroups(tmp_path).run(64 << 20, 24) as enter:
         group = Path(enter[-1]).parent
         started = subprocess.run([*enter, "/bin/sh", "-c", "echo $$"], capture_output=True, text=True, timeout=30)
         assert (group / "cgroup.procs").read_text().split() == [started.stdout.strip()]
         assert (group / "memory.max").read_text() == str(64 << 20)
         assert (group / "memory.oom.group").read_text() == "1"
+        assert not (group / "pids.max").exists()  # no pids controller delegated
+    with RunCgroups(tmp_path, pids=True).run(64 << 20, 24) as enter:
+        assert (Path(enter[-1]).parent / "pids.max").read_text() == "24"
 
 
 def test_a_memory_cgroup_is_proven_or_refused_in_one_line():

@@ -2,6 +2,9 @@
 
 ``memory.max`` counts everything a run holds, whoever holds it: every process, shared memory, tmpfs
 pages, kernel memory; past it the kernel kills the run (``memory.oom.group``), never the trainer.
+Where the pids controller is delegated too, ``pids.max`` caps the run's tasks (threads included)
+however many the uid runs elsewhere, a second wall behind RLIMIT_NPROC. ``cgroup.kill`` ends
+whatever is left of the run after it.
 
 cgroup v2 gives controllers to a cgroup's children only while it runs no process itself, so the
 first use moves the processes of our cgroup (the trainer and what it started) into a leaf child
@@ -29,6 +32,7 @@ LEAF = "rvgrpo-trainer"
 PROOF_LIMIT_BYTES = 32 << 20
 PROOF_ALLOCATION_BYTES = 128 << 20
 PROOF_TIMEOUT_S = 30.0
+PROOF_TASKS = 64  # room for the allocating python: the proof is of memory.max
 REMOVE_TIMEOUT_S = 5.0
 _numbers = itertools.count()
 
@@ -39,17 +43,21 @@ class CgroupUnavailable(Exception):
 
 @dataclass(frozen=True)
 class RunCgroups:
-    """A cgroup whose children may get the memory controller: one child per run."""
+    """A cgroup whose children may get the memory controller (and ``pids``): one child per run."""
 
     base: Path
+    pids: bool = False  # the children get the pids controller too
 
     @contextmanager
-    def run(self, memory_bytes: int) -> Iterator[list[str]]:
-        """A fresh cgroup with ``memory.max``; yields the argv prefix that starts a command inside it."""
+    def run(self, memory_bytes: int, tasks: int) -> Iterator[list[str]]:
+        """A fresh cgroup with ``memory.max`` (and ``pids.max``); yields the argv prefix that starts a
+        command inside it."""
         path = self.base / f"rvgrpo-run-{os.getpid()}-{next(_numbers)}"
         path.mkdir()
         try:
             (path / "memory.max").write_text(str(memory_bytes))
+            if self.pids:
+                (path / "pids.max").write_text(str(tasks))
             for name in ("memory.swap.max", "memory.zswap.max"):
                 if (path / name).exists():
                     (path / name).write_text("0")
@@ -60,7 +68,7 @@ class RunCgroups:
 
     def prove(self) -> None:
         """A command allocating more than its cgroup's ``memory.max`` is killed, and the cgroup says so."""
-        with self.run(PROOF_LIMIT_BYTES) as enter:
+        with self.run(PROOF_LIMIT_BYTES, PROOF_TASKS) as enter:
             group = Path(enter[-1]).parent
             allocate = f"data = b'x' * {PROOF_ALLOCATION_BYTES}"
             try:
@@ -75,23 +83,26 @@ class RunCgroups:
 
 
 def delegated() -> RunCgroups:
-    """Our cgroup, set up to hand the memory controller to per-run children, or CgroupUnavailable."""
+    """Our cgroup, set up to hand the memory controller (and pids, where offered) to per-run
+    children, or CgroupUnavailable."""
     mount = _cgroup2_mount()
     own = mount / _own_path().lstrip("/")
     base = own.parent if own.name == LEAF else own
     try:
-        if "memory" not in (base / "cgroup.controllers").read_text().split():
+        offered = (base / "cgroup.controllers").read_text().split()
+        if "memory" not in offered:
             raise CgroupUnavailable(f"memory controller not delegated to {base}")
-        if "memory" not in (base / "cgroup.subtree_control").read_text().split():
-            _enable_memory(base)
+        wanted = [name for name in ("memory", "pids") if name in offered]
+        if set(wanted) - set((base / "cgroup.subtree_control").read_text().split()):
+            _enable(base, " ".join(f"+{name}" for name in wanted))
     except OSError as err:
         raise CgroupUnavailable(f"{base}: {err.strerror}") from err
-    return RunCgroups(base)
+    return RunCgroups(base, pids="pids" in wanted)
 
 
-def _enable_memory(base: Path) -> None:
+def _enable(base: Path, controllers: str) -> None:
     try:
-        (base / "cgroup.subtree_control").write_text("+memory")
+        (base / "cgroup.subtree_control").write_text(controllers)
         return
     except OSError as err:
         if err.errno != errno.EBUSY:  # EBUSY: the cgroup runs processes itself
@@ -103,8 +114,8 @@ def _enable_memory(base: Path) -> None:
             (leaf / "cgroup.procs").write_text(pid)
         except ProcessLookupError:
             continue
-    (base / "cgroup.subtree_control").write_text("+memory")
-    log.info("moved the processes of %s into %s to give runs a memory cgroup each", base, leaf)
+    (base / "cgroup.subtree_control").write_text(controllers)
+    log.info("moved the processes of %s into %s to give runs a cgroup each (%s)", base, leaf, controllers)
 
 
 def _cgroup2_mount() -> Path:

@@ -1,9 +1,11 @@
 """Run one job in a fresh confined process: feed it the job on stdin, read its results with caps,
-SIGKILL it at the wall-clock deadline, and make sure nothing it started survives."""
+SIGKILL it at the wall-clock deadline, and make sure nothing it started survives (the PID namespace
+ends every descendant with the run; as root, a sweep of the run's uid then checks and counts)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import selectors
 import signal
@@ -20,6 +22,7 @@ from pipeline.sandbox.isolation import TOOL_PATH, Limits, command
 from pipeline.sandbox.procs import kill_children, sweep
 from pipeline.sandbox.slots import POOL
 
+log = logging.getLogger(__name__)
 CHUNK = 65536
 FILTER = seccomp.program()
 
@@ -33,6 +36,7 @@ class Run:
     timed_out: bool = False
     output_capped: bool = False
     stderr_tail: str = ""
+    survivors: int = 0  # processes of the run still alive after its sandbox ended (the sweep killed them)
 
 
 def execute(mode: str, limits: Limits, code: str, entry_point: str, inputs: Sequence[Sequence[Any]],
@@ -41,7 +45,7 @@ def execute(mode: str, limits: Limits, code: str, entry_point: str, inputs: Sequ
     memory cgroup of its own where ``cgroups`` gives one)."""
     payload = json.dumps({"code": code, "entry_point": entry_point, "inputs": [list(a) for a in inputs],
                           "filter": FILTER.hex() if FILTER else None, "keyctl": seccomp.keyctl_number()}).encode()
-    group = cgroups.run(limits.run_memory_bytes) if cgroups else nullcontext([])
+    group = cgroups.run(limits.run_memory_bytes, limits.processes) if cgroups else nullcontext([])
     with POOL.take() as uid, group as enter:
         deadline = time.monotonic() + timeout_s
         proc = subprocess.Popen(enter + command(mode, uid, limits, timeout_s), stdin=subprocess.PIPE,
@@ -52,10 +56,11 @@ def execute(mode: str, limits: Limits, code: str, entry_point: str, inputs: Sequ
             timed_out = _wait(proc, deadline)
         finally:
             _stop(proc)
-            if os.geteuid() == 0:
-                sweep(uid)
+            survivors = sweep(uid) if os.geteuid() == 0 else 0
+    if survivors:
+        log.warning("sandbox uid %d: %d processes outlived their run's PID namespace", uid, survivors)
     run = _parse(out, len(inputs))
-    run.timed_out, run.output_capped = timed_out, capped
+    run.timed_out, run.output_capped, run.survivors = timed_out, capped, survivors
     run.stderr_tail = err[-400:].decode(errors="replace")
     return run
 

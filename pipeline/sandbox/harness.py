@@ -2,8 +2,10 @@
 on each input, and stream one JSON line per test on the original stdout.
 
 Before the candidate's code is even read, it leaves the keyring session it inherited (a fresh,
-empty one: nothing of the trainer's, nothing of an earlier run) and installs the seccomp filter the
-parent built (seccomp.py); a filter that does not go on means the candidate never runs.
+empty one: nothing of the trainer's, nothing of an earlier run), raises its OOM score to the
+maximum (inherited by every process it starts and not lowerable without a capability, so where the
+machine runs out of memory the kernel kills a run's processes before the trainer) and installs the
+seccomp filter the parent built (seccomp.py); any step that fails means the candidate never runs.
 
 Only data leaves: each returned value must be plain JSON data of exact built-in types (so an object
 whose ``__eq__`` always answers True is an error), and the parent compares it with the expected
@@ -19,6 +21,7 @@ import sys
 
 MAX_DEPTH = 50
 KEYCTL_JOIN_SESSION_KEYRING = 1
+OOM_SCORE_ADJ_MAX = 1000
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
@@ -30,12 +33,18 @@ class SockFprog(ctypes.Structure):
 
 
 def confine(keyctl, program):
-    """A fresh session keyring, then the filter (irrevocable, inherited by every thread)."""
+    """A fresh session keyring, the highest OOM score, then the filter (irrevocable, inherited by every
+    thread and process)."""
     libc = ctypes.CDLL(None, use_errno=True)
     word = ctypes.c_ulong
     if keyctl is not None and libc.syscall(ctypes.c_long(keyctl), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
                                            ctypes.c_void_p(None)) < 0:
         raise OSError(ctypes.get_errno(), "keyctl join session keyring")
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write(str(OOM_SCORE_ADJ_MAX))
+    except OSError as err:
+        raise OSError(err.errno, "oom_score_adj") from err
     if program is None:
         return
     code = bytes.fromhex(program)
@@ -91,6 +100,8 @@ def main():
     try:
         spec = importlib.util.spec_from_file_location("solution", "/work/solution.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules["solution"] = module  # pickle (multiprocessing) finds its functions by module name
+        sys.path.append("/work")  # and a spawned child imports it from there
         spec.loader.exec_module(module)
         function = getattr(module, job["entry_point"])
     except BaseException as err:

@@ -1,9 +1,14 @@
 """How a candidate process is confined: limits, and the command line of each isolation mode.
 
 Both modes run the candidate as a non-root uid (RLIMIT_NPROC is ignored for root), with no
-capabilities, an empty environment, no network, its own PID namespace (killing its init takes every
-descendant along), read-only ``/usr`` as the only host directory, and size-capped tmpfs for
-``/work``, ``/tmp`` and ``/dev/shm``:
+capabilities, an empty environment, no network, its own PID namespace, read-only ``/usr`` as the
+only host directory, and size-capped tmpfs for ``/work``, ``/tmp`` and ``/dev/shm``.
+
+A candidate may start processes (``subprocess``, ``multiprocessing``), contained by count and by
+lifetime: RLIMIT_NPROC caps the uid's tasks (threads included; a dedicated uid per run as root, and
+``pids.max`` where the run has a cgroup), and the PID namespace bounds their lifetime: when its init
+ends (the candidate returns, crashes or is killed at the deadline) the kernel kills every process
+left in it, double-forked or ``setsid`` ones included; as root a sweep of the run's uid follows.
 
 - ``bubblewrap``: prlimit -> setpriv (to a dedicated uid; skipped when we are not root) -> bwrap,
   the harness as the namespace's PID 1 (``--as-pid-1``, so bwrap reaps it and no zombie waits
@@ -44,7 +49,7 @@ class Limits:
     address_space_bytes: int = 1 << 30
     file_size_bytes: int = 16 << 20
     open_files: int = 64
-    processes: int = 24  # RLIMIT_NPROC: counts every task of the uid system-wide
+    processes: int = 24  # RLIMIT_NPROC (and pids.max): every task of the run, threads and launchers included
     tmpfs_bytes: int = 16 << 20  # each of /work, /tmp, /dev/shm
     kernel_bytes: int = 64 << 20  # pipes, sockets, page tables, the launchers: only a memory cgroup counts them
     stdout_bytes: int = 1 << 20  # the results channel
@@ -52,8 +57,15 @@ class Limits:
 
     @property
     def run_memory_bytes(self) -> int:
-        """All one run may hold: its one process's address space, its three tmpfs, the kernel's share."""
+        """A run's memory cgroup limit, all its processes together: one address space, its three tmpfs,
+        the kernel's share (forked children mostly share their parent's pages)."""
         return self.address_space_bytes + 3 * self.tmpfs_bytes + self.kernel_bytes
+
+    @property
+    def memory_without_cgroup_bytes(self) -> int:
+        """All one run may hold where no memory cgroup counts it: the filter leaves no memory outside
+        its processes, so ``processes`` full address spaces, its three tmpfs, the kernel's share."""
+        return self.processes * self.address_space_bytes + 3 * self.tmpfs_bytes + self.kernel_bytes
 
 
 @dataclass(frozen=True)
@@ -70,15 +82,18 @@ class IsolationReport:
         who = f"dedicated uids from {UID_BASE} via setpriv" if self.as_root else f"own uid {os.getuid()} (not root)"
         namespaces = "user/pid/net/ipc/uts/mount/cgroup" if self.mode == "bubblewrap" else "pid/net/ipc/uts/mount/cgroup"
         nproc = f"{self.limits.processes}" + ("" if self.as_root else " above what the uid already runs")
-        forks = self.checks.get("forks")
-        processes = "one process (fork refused)" if forks == 0 else f"forks stopped at {forks}"
-        holders = ["seccomp (no fork, SysV IPC, memfd, namespaces, keyrings)"] if self.checks.get("seccomp") else []
-        holders += [f"a memory cgroup per run under {self.cgroups.base}"] if self.cgroups else []
-        no_cgroup = "" if self.cgroups else f" (no memory cgroup: {self.checks.get('cgroup')})"
+        pids = f", pids.max {self.limits.processes}" if self.cgroups and self.cgroups.pids else ""
+        seccomp = "seccomp (no SysV IPC, memfd, namespaces, keyrings, ptrace)"
+        if self.cgroups:
+            memory = (f"{self.limits.run_memory_bytes >> 20} MiB by a memory cgroup per run under {self.cgroups.base}"
+                      + (f" and {seccomp}" if self.checks.get("seccomp") else ""))
+        else:
+            memory = (f"{self.limits.memory_without_cgroup_bytes >> 20} MiB ({self.limits.processes} address "
+                      f"spaces) by {seccomp} (no memory cgroup: {self.checks.get('cgroup')})")
         return (f"sandbox: {self.mode}, {who}; {namespaces} namespaces, no capabilities, empty environment, "
-                f"network {self.checks.get('interfaces')}, {processes}, threads stopped at "
-                f"{self.checks.get('threads')} (RLIMIT_NPROC {nproc}), memory per run at most "
-                f"{self.limits.run_memory_bytes >> 20} MiB by {' and '.join(holders)}{no_cgroup}, address space "
+                f"network {self.checks.get('interfaces')}, forks stopped at {self.checks.get('forks')} and "
+                f"threads at {self.checks.get('threads')} (RLIMIT_NPROC {nproc}{pids}), every descendant "
+                f"killed at the end of a run, memory per run at most {memory}, address space "
                 f"{self.limits.address_space_bytes >> 20} MiB, tmpfs /work /tmp /dev/shm "
                 f"{self.limits.tmpfs_bytes >> 20} MiB each, /usr read-only, no /root or /etc, only the sandbox's mounts")
 

@@ -1,7 +1,7 @@
 """The start-up self-test: run a payload in each isolation mode and accept the first whose limits
 demonstrably hold (above all the process limit: a fork bomb under a limit that does not hold would
-take the machine down; and the memory per run: the seccomp filter, a memory cgroup, or both).
-Nothing else in this package runs code before this has passed."""
+take the machine down; that no descendant outlives its run; and the memory per run: the seccomp
+filter, a memory cgroup, or both). Nothing else in this package runs code before this has passed."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline.sandbox import seccomp
 from pipeline.sandbox.cgroup import CgroupUnavailable, RunCgroups, delegated
 from pipeline.sandbox.execute import execute
 from pipeline.sandbox.isolation import (
@@ -20,10 +21,12 @@ from pipeline.sandbox.isolation import (
     missing_tools,
     modes_for_this_user,
 )
+from pipeline.sandbox.procs import kill, processes
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 15.0
 MAX_VISIBLE_PIDS = 4  # the probe itself (and unshare's root shell): anything more is the host's
+OOM_SCORE_ADJ_MAX = 1000
 CHECK_SOURCE = Path(__file__).with_name("probe_check.py").read_text()
 
 
@@ -52,7 +55,12 @@ def _probe_mode(mode: str, limits: Limits) -> IsolationReport:
     if missing:
         raise SandboxUnavailable(f"missing {', '.join(missing)}")
     cgroups, cgroup_note = _memory_cgroups()
-    run = execute(mode, limits, CHECK_SOURCE, "check", [[2 * limits.address_space_bytes]], PROBE_TIMEOUT_S, cgroups)
+    sleeper = f"rvgrpo-{os.getpid()}"  # what the payload names the descendant it leaves behind
+    clone = seccomp.ARCHES[seccomp.machine()][1]["clone"] if seccomp.machine() in seccomp.ARCHES else None
+    run = execute(mode, limits, CHECK_SOURCE, "check", [[2 * limits.address_space_bytes, sleeper, clone]],
+                  PROBE_TIMEOUT_S, cgroups)
+    alive = [p.pid for p in processes() if p.name == sleeper]
+    kill(alive)
     record = run.records[0]
     if record is None or "value" not in record:
         said = run.stderr_tail.strip().splitlines()
@@ -60,8 +68,9 @@ def _probe_mode(mode: str, limits: Limits) -> IsolationReport:
                   or (said[-1] if said else "no result"))
         raise SandboxUnavailable(f"probe did not run ({reason})")
     checks = record["value"]
-    checks["seccomp"] = checks.get("forks") == 0 and checks.get("memory_outside_address_space") == []
+    checks["seccomp"] = checks.get("memory_outside_address_space") == []
     checks["cgroup"] = cgroup_note
+    checks["outlived_run"] = run.survivors + len(alive)
     problems = _problems(checks, limits, cgroups)
     if problems:
         raise SandboxUnavailable("; ".join(problems))
@@ -84,6 +93,7 @@ def _problems(checks: dict, limits: Limits, cgroups: RunCgroups | None) -> list[
     expected = {
         "capabilities": False, "root_dir_visible": False, "etc_visible": False,
         "writable_outside_work": [], "work_writable": True, "allocates_beyond_limit": False,
+        "oom_score_adj": OOM_SCORE_ADJ_MAX, "detached_sleeper": True, "outlived_run": 0,
     }
     problems = [f"{key} is {checks.get(key)!r}, expected {want!r}" for key, want in expected.items()
                 if checks.get(key) != want]
@@ -92,8 +102,10 @@ def _problems(checks: dict, limits: Limits, cgroups: RunCgroups | None) -> list[
     for kind in ("forks", "threads"):
         if checks.get(kind, limits.processes) >= limits.processes:
             problems.append(f"{kind}: {checks.get(kind)} under RLIMIT_NPROC {limits.processes}, limit ignored")
+    if checks.get("forks") == 0:
+        problems.append("no process can be started, so a solution using subprocess would score 0 here")
     if not checks["seccomp"] and cgroups is None:
-        escapes = checks.get("memory_outside_address_space") or [f"{checks.get('forks')} forked processes"]
+        escapes = checks.get("memory_outside_address_space") or ["?"]
         problems.append(f"no memory cap per run: {', '.join(escapes)} possible and no memory cgroup "
                         f"({checks['cgroup']})")
     host_mounts = [m for m in checks.get("mounts", ["?"]) if m not in MOUNT_POINTS and not m.startswith("/dev/")]

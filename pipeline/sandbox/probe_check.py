@@ -1,14 +1,20 @@
 """The start-up probe's payload: run through the harness like a candidate, it reports what it can do."""
 
+from __future__ import annotations  # the system python3 may be older than 3.10
+
 import ctypes
 import os
 import resource
 import socket
 import threading
+import time
 
 ATTEMPTS_BEYOND_LIMIT = 8
 IPC_PRIVATE, IPC_RMID = 0, 0
 CLONE_NEWUSER = 0x10000000
+SIGCHLD = 17
+PR_SET_NAME = 15
+SLEEPER_S = 3600  # far past any run: only the sandbox's end can stop it
 
 
 def _attempts() -> int:
@@ -52,7 +58,45 @@ def _threads() -> int:
     return len(started)
 
 
-def _memory_outside_address_space() -> list:
+def _detached_sleeper(name: str) -> bool:
+    """Leave a grandchild behind in a session of its own, named ``name`` for the parent to look for
+    once the run is over; True once it runs, False where no process can be started."""
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return False
+    if pid == 0:
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
+                os.write(write_end, b".")
+                time.sleep(SLEEPER_S)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    running = os.read(read_end, 1) == b"."
+    os.close(read_end)
+    return running
+
+
+def _clone_new_user(libc: ctypes.CDLL, number: int | None) -> int:
+    """clone(CLONE_NEWUSER) as a raw call (a child that gets one exits at once): the pid, or -1."""
+    if number is None:
+        return -1
+    pid = libc.syscall(ctypes.c_long(number), ctypes.c_long(CLONE_NEWUSER | SIGCHLD), *[ctypes.c_long(0)] * 4)
+    if pid == 0:
+        os._exit(0)
+    if pid > 0:
+        os.waitpid(pid, 0)
+    return pid
+
+
+def _memory_outside_address_space(clone_number: int | None) -> list:
     """Each way to hold memory that RLIMIT_AS does not count which works here (each tried small)."""
     libc = ctypes.CDLL(None, use_errno=True)
     worked = []
@@ -61,6 +105,7 @@ def _memory_outside_address_space() -> list:
             ("msgget", lambda: libc.msgget(IPC_PRIVATE, 0o600), lambda i: libc.msgctl(i, IPC_RMID, None)),
             ("semget", lambda: libc.semget(IPC_PRIVATE, 1, 0o600), lambda i: libc.semctl(i, 0, IPC_RMID)),
             ("inotify", lambda: libc.inotify_init1(0), os.close),
+            ("clone user namespace", lambda: _clone_new_user(libc, clone_number), lambda i: None),
             ("unshare user namespace", lambda: libc.unshare(CLONE_NEWUSER), lambda i: None)):
         handle = make()
         if handle >= 0:
@@ -91,11 +136,12 @@ def _allocates(size: int) -> bool:
         return False
 
 
-def check(memory_probe_bytes: int) -> dict:
+def check(memory_probe_bytes: int, sleeper_name: str, clone_number: int | None) -> dict:
     with open("/proc/self/status") as status:
         caps = [line.split()[1] for line in status if line.startswith("Cap")]
     return {
         "uid": os.getuid(),
+        "oom_score_adj": int(open("/proc/self/oom_score_adj").read()),
         "capabilities": any(int(mask, 16) for mask in caps),
         "environment": sorted(os.environ),
         "interfaces": [name for _, name in socket.if_nameindex()],
@@ -108,5 +154,6 @@ def check(memory_probe_bytes: int) -> dict:
         "mounts": [line.split()[4] for line in open("/proc/1/mountinfo")],
         "forks": _forks(),
         "threads": _threads(),
-        "memory_outside_address_space": _memory_outside_address_space(),  # last: may enter a user namespace
+        "detached_sleeper": _detached_sleeper(sleeper_name),
+        "memory_outside_address_space": _memory_outside_address_space(clone_number),  # last: may enter a user namespace
     }

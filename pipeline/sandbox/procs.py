@@ -1,4 +1,5 @@
-"""The process table from /proc: who is still running under a sandbox uid, and whose child is who."""
+"""The process table from /proc: who is still running under a sandbox uid (or by a name), and whose
+child is who."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Proc:
     ppid: int
     uid: int
     threads: int
+    name: str  # the first 15 bytes of the command name (``prctl(PR_SET_NAME)`` sets it)
 
 
 def processes() -> list[Proc]:
@@ -27,7 +29,7 @@ def processes() -> list[Proc]:
         try:
             fields = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line)
             found.append(Proc(int(entry.name), int(fields["PPid"]), int(fields["Uid"].split()[0]),
-                              int(fields["Threads"])))
+                              int(fields["Threads"]), fields["Name"].strip()))
         except (OSError, KeyError, ValueError):  # the process ended while we read it
             continue
     return found
@@ -49,13 +51,16 @@ def kill_children(parent: int) -> None:
     kill([p.pid for p in processes() if p.ppid == parent])
 
 
-def sweep(uid: int, timeout_s: float = 5.0) -> None:
-    """SIGKILL everything running under a dedicated sandbox uid until nothing is left."""
+def sweep(uid: int, timeout_s: float = 5.0) -> int:
+    """SIGKILL everything running under a dedicated sandbox uid until nothing is left; how many
+    processes it found (after a run: 0 unless something outlived the sandbox's PID namespace)."""
     deadline = time.monotonic() + timeout_s
+    found: set[int] = set()
     while True:
         left = [p.pid for p in processes() if p.uid == uid]
         if not left:
-            return
+            return len(found)
+        found.update(left)
         if time.monotonic() > deadline:
             raise RuntimeError(f"sandbox uid {uid}: processes {left[:10]} survive SIGKILL")
         kill(left)

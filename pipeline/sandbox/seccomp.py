@@ -1,16 +1,22 @@
-"""The seccomp filter every candidate runs under: one process, and no memory outside its address space.
+"""The seccomp filter every candidate runs under: no memory outside its processes' address spaces.
 
 RLIMIT_AS bounds what one process maps, but not memory that belongs to no process: System V shared
 memory, message queues and semaphores, memfd files, POSIX message queues, a tmpfs mounted in a new
 user namespace, kernel memory that grows with calls rather than file descriptors (inotify and
-fanotify watches pin inodes, io_uring rings, bpf maps), nor a second process with its own address
-space. The filter refuses every call that makes one (EPERM), so a run holds at most its address
-space plus its size-capped tmpfs (and what its 64 file descriptors can pin). Threads
-stay allowed (they share the address space): ``clone`` is refused only without ``CLONE_THREAD``, and
-``clone3`` answers ENOSYS, whose flags a filter cannot read, so the C library falls back to ``clone``.
-The same filter on every machine, so a candidate's score never depends on where it ran.
+fanotify watches pin inodes, io_uring rings, bpf maps). The filter refuses every call that makes one
+(EPERM), so a run holds at most its processes' address spaces (RLIMIT_NPROC of them, each under
+RLIMIT_AS) plus its size-capped tmpfs (and what their file descriptors can pin).
 
-Also refused: the keyring calls, so nothing a run stores in its uid's keyrings survives it.
+Processes are allowed (``fork``, ``vfork``, ``clone``), so an honest solution may use ``subprocess``
+or ``multiprocessing``; their number and lifetime are bounded outside the filter (RLIMIT_NPROC, the
+PID namespace: see isolation.py). ``clone`` is refused with any ``CLONE_NEW*`` flag (a new user
+namespace could mount an uncapped tmpfs), and ``clone3`` answers ENOSYS, whose flags a filter cannot
+read, so the C library falls back to ``clone``. The same filter on every machine, so a candidate's
+score never depends on where it ran.
+
+Also refused: the keyring calls, so nothing a run stores in its uid's keyrings survives it; and
+``ptrace``, so no process of a run can rewrite another's calls after the filter checked them (which
+kernels before 4.8 allowed).
 
 Classic BPF, built here with no library; the harness installs it (``prctl``) before the candidate's
 code is read. Architectures not listed get no filter (``program()`` is None).
@@ -22,24 +28,25 @@ import errno
 import platform
 import struct
 
-REFUSED = ("fork", "vfork", "shmget", "semget", "msgget", "mq_open", "memfd_create", "memfd_secret",
-           "inotify_init", "inotify_init1", "fanotify_init", "io_uring_setup", "bpf", "unshare", "setns",
-           "add_key", "request_key", "keyctl")
-CLONE_THREAD = 0x00010000
+REFUSED = ("shmget", "semget", "msgget", "mq_open", "memfd_create", "memfd_secret", "inotify_init",
+           "inotify_init1", "fanotify_init", "io_uring_setup", "bpf", "unshare", "setns", "add_key",
+           "request_key", "keyctl", "ptrace")
+# CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET (NEWTIME is clone3/unshare only)
+CLONE_NAMESPACES = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 X32_SYSCALL_BIT = 0x40000000
 
 # arch -> (AUDIT_ARCH_*, syscall numbers); from the kernel's unistd headers
 ARCHES = {
     "x86_64": (0xC000003E, {
-        "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "shmget": 29, "semget": 64, "msgget": 68,
-        "mq_open": 240, "memfd_create": 319, "memfd_secret": 447, "inotify_init": 253, "inotify_init1": 294,
+        "clone": 56, "clone3": 435, "shmget": 29, "semget": 64, "msgget": 68, "mq_open": 240,
+        "memfd_create": 319, "memfd_secret": 447, "inotify_init": 253, "inotify_init1": 294,
         "fanotify_init": 300, "io_uring_setup": 425, "bpf": 321, "unshare": 272, "setns": 308,
-        "add_key": 248, "request_key": 249, "keyctl": 250}),
-    "aarch64": (0xC00000B7, {  # no fork/vfork/inotify_init: the C library uses clone/inotify_init1
+        "add_key": 248, "request_key": 249, "keyctl": 250, "ptrace": 101}),
+    "aarch64": (0xC00000B7, {  # no inotify_init: the C library uses inotify_init1
         "clone": 220, "clone3": 435, "shmget": 194, "semget": 190, "msgget": 186, "mq_open": 180,
         "memfd_create": 279, "memfd_secret": 447, "inotify_init1": 26, "fanotify_init": 262,
         "io_uring_setup": 425, "bpf": 280, "unshare": 97, "setns": 268, "add_key": 217,
-        "request_key": 218, "keyctl": 219}),
+        "request_key": 218, "keyctl": 219, "ptrace": 117}),
 }
 
 # classic BPF over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6];}
@@ -70,8 +77,8 @@ def program() -> bytes | None:
         if name in numbers:
             code += [(JEQ, 0, 1, numbers[name]), (RET, 0, 0, ERRNO | errno.EPERM)]
     code += [(JEQ, 0, 1, numbers["clone3"]), (RET, 0, 0, ERRNO | errno.ENOSYS),
-             (JEQ, 0, 4, numbers["clone"]), (LD_ABS, 0, 0, ARG0_LOW), (JSET, 0, 1, CLONE_THREAD),
-             (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO | errno.EPERM),
+             (JEQ, 0, 3, numbers["clone"]), (LD_ABS, 0, 0, ARG0_LOW), (JSET, 0, 1, CLONE_NAMESPACES),
+             (RET, 0, 0, ERRNO | errno.EPERM),
              (RET, 0, 0, ALLOW)]
     return b"".join(struct.pack("=HBBI", *instruction) for instruction in code)
 
