@@ -58,7 +58,9 @@ from pipeline.samplers import ALIASES, SAMPLERS
 @option("sampler_params", type=MAPPING, default="", help="YAML mapping of sampler parameters.")
 @option("levels", type=LEVELS, default="0,1", help="Training levels (eval adds the held-out one).")
 @option("num_train_prompts", type=POSITIVE_INT, default=256, help="Training prompts, spread over --levels.")
-@option("eval_prompts", type=POSITIVE_INT, default=8, help="Held-out prompts per level for greedy evaluation.")
+@option("eval_prompts", type=POSITIVE_INT, default=8, help="Held-out prompts per level for evaluation.")
+@option("eval_temperature", type=NON_NEGATIVE_FLOAT, default=0.0,
+        help="Evaluation sampling temperature: 0 = greedy; > 0 samples one completion per prompt with a fixed seed.")
 @option("prompts_per_step", type=POSITIVE_INT, default=4,
         help="Prompts per step, --group_size completions each (a multiple of the ranks).")
 @option("group_size", aliases=("num_generations",), type=int_at_least(2), default=8,
@@ -146,6 +148,8 @@ from pipeline.samplers import ALIASES, SAMPLERS
         help="online: ridge penalty on the head's weights on hidden states (position weights are free).")
 @option("online_heldout_fraction", type=FRACTION, default=0.2,
         help="online: share of prompts whose pairs only judge the head against the constant f.")
+@option("online_min_heldout_prompts", type=int_at_least(2), default=4,
+        help="online: held-out prompts the buffer needs before the head is judged (until then: uniform f).")
 @option("online_likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default="auto",
         help="online: the pair loss, as stage 2's --likelihood (auto: bernoulli for 0/1 rewards, else gaussian).")
 @option("accelerator", type=ACCELERATOR, default="auto",

@@ -50,6 +50,7 @@ class GRPOArgs:
     levels: tuple[int, ...] = (0, 1)  # where the default model gets some reward (studies/cpu_arithmetic.yaml)
     num_train_prompts: int = 256
     eval_prompts: int = 8
+    eval_temperature: float = 0.0  # 0: greedy
     prompts_per_step: int = 4
     group_size: int = 8
     max_steps: int = 50
@@ -109,6 +110,7 @@ class GRPOArgs:
     online_lr: float = 1e-2
     online_state_l2: float = 0.1
     online_heldout_fraction: float = 0.2
+    online_min_heldout_prompts: int = 4
     online_likelihood: str = "auto"
     accelerator: str = "auto"  # Fabric's: auto (CUDA when there), cpu, cuda/gpu; every model of the run follows it
     vllm_importance_sampling_correction: bool = True  # TRL 1.16's names and defaults; vLLM backend only

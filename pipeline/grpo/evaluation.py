@@ -1,4 +1,5 @@
-"""Greedy accuracy on held-out prompts of every level, the held-out hardest level included.
+"""Accuracy on held-out prompts of every level, the held-out hardest level included: greedy, or sampled at
+``--eval_temperature`` with one fixed seed per prompt (every arm of a study draws the same).
 
 With several ranks each generates and scores its own share of the prompts (``rank``, ``world_size``)
 and ``gather`` collects every rank's per-prompt results before they are summed up per level, so the
@@ -17,12 +18,14 @@ from pipeline.scoring import score
 
 
 def score_prompts(backend: GenerationBackend, tokenizer, rows: Sequence[dict[str, Any]],
-                  prompts: Sequence[tuple[str, list[int]]], max_new_tokens: int) -> list[tuple[int, float, int]]:
-    """(level, correct, completion length) of each prompt's greedy completion."""
+                  prompts: Sequence[tuple[str, list[int]]], max_new_tokens: int,
+                  temperature: float = 0.0) -> list[tuple[int, float, int]]:
+    """(level, correct, completion length) of each prompt's completion (greedy at temperature 0)."""
     if not rows:
         return []
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    completions = backend.generate([Request(ids, max_new_tokens, 0) for _, ids in prompts], params)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    completions = backend.generate([Request(ids, max_new_tokens, int(row["prompt_id"]))
+                                    for row, (_, ids) in zip(rows, prompts, strict=True)], params)
     completion_ids = [c.token_ids for c in completions]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     correct = score({"correct": 1.0}, rows, [t for t, _ in prompts], texts, completion_ids).per_function["correct"]
@@ -31,10 +34,11 @@ def score_prompts(backend: GenerationBackend, tokenizer, rows: Sequence[dict[str
 
 def evaluate(backend: GenerationBackend, tokenizer, rows: Sequence[dict[str, Any]],
              prompts: Sequence[tuple[str, list[int]]], max_new_tokens: int, rank: int = 0, world_size: int = 1,
-             gather: Callable[[Any], list[Any]] | None = None) -> list[dict[str, Any]]:
+             gather: Callable[[Any], list[Any]] | None = None, temperature: float = 0.0) -> list[dict[str, Any]]:
     """One row per level: accuracy (the ``correct`` reward) and mean completion length."""
     mine = range(rank, len(rows), world_size)
-    results = score_prompts(backend, tokenizer, [rows[i] for i in mine], [prompts[i] for i in mine], max_new_tokens)
+    results = score_prompts(backend, tokenizer, [rows[i] for i in mine], [prompts[i] for i in mine], max_new_tokens,
+                            temperature)
     if gather is not None:
         results = [result for part in gather(results) for result in part]
     levels = np.array([level for level, _, _ in results])

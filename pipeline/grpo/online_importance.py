@@ -8,7 +8,7 @@ policy; it is refit by the stage-2 pair likelihood on a replay buffer of the run
 (groups drawn as sister pairs, ``paired_rollout``). Stage 2's rules hold: m_q and v_q pooled per
 prompt (here over the buffer), held-out pairs by prompt, the gain over the best constant f with a
 bootstrap CI over held-out prompts (``ValidationStats``). Until the head beats the constant there
-(the offline guard's rule, ``gain_is_positive``, over at least ``MIN_HELDOUT_PROMPTS`` held-out
+(the offline guard's rule, ``gain_is_positive``, over at least ``--online_min_heldout_prompts`` held-out
 prompts), the loss weights fall back to uniform.
 Maths and options: docs/online_importance.md.
 """
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HELDOUT_STREAM = 0x4E1D  # the held-out prompts' random stream, apart from every sampling seed
-MIN_HELDOUT_PROMPTS = 4  # fewer held-out prompts give no usable bootstrap CI: the head is not judged yet
 SPLIT_QUANTILE = 0.9  # t_max: this quantile of the buffer's sister-A lengths (stage 1's default rule)
 META = {"prompt_id": torch.long, "r1": torch.float64, "r2": torch.float64, "split": torch.long,
         "length": torch.long, "degenerate": torch.bool, "step": torch.long}  # length: sister A's tokens
@@ -60,6 +59,7 @@ class OnlineOptions:
     weight_decay: float = 0.01
     state_l2: float = 0.1  # ridge on the head's weights on the hidden state: content must earn its place over position
     heldout_fraction: float = 0.2  # share of prompts whose pairs only judge the head
+    min_heldout_prompts: int = 4  # fewer held-out prompts give no usable bootstrap CI: the head is not judged yet
     likelihood: str = "auto"  # stage 2's rule: bernoulli for 0/1 rewards, else gaussian; or one of LIKELIHOODS
     seed: int = 0
 
@@ -343,7 +343,7 @@ class OnlineImportance:
         """Stage 2's validation on the held-out pairs: the head's and the best constant's loss, the gain, its CI."""
         train, held, likelihood = self._split()
         held_prompts = len(torch.unique(self.buffer.meta["prompt_id"][held]))
-        if held_prompts < MIN_HELDOUT_PROMPTS or not bool((train & (self.buffer.meta["split"] > 0)).any()):
+        if held_prompts < self.options.min_heldout_prompts or not bool((train & (self.buffer.meta["split"] > 0)).any()):
             nan = float("nan")
             return {"loss": nan, "baseline_loss": nan, "gain": nan, "gain_ci95": [nan, nan],
                     "pairs": int(held.sum()), "train_pairs": float(train.sum())}
@@ -390,6 +390,7 @@ def from_args(args: GRPOArgs, hidden_size: int, tokenizer: Any, device: torch.de
 
     options = OnlineOptions(args.online_refit_every, args.online_buffer_size, args.online_refit_iters, args.online_lr,
                             state_l2=args.online_state_l2, heldout_fraction=args.online_heldout_fraction,
+                            min_heldout_prompts=args.online_min_heldout_prompts,
                             likelihood=args.online_likelihood, seed=args.seed)
     if not args.importance_net:
         return OnlineImportance(hidden_size, options, device)

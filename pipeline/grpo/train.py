@@ -382,7 +382,8 @@ class Trainer:
     def _evaluate(self) -> None:
         fabric = self.fabric
         rows = evaluate(self.backend, self.tokenizer, self.eval_rows, self.eval_prompts, self.args.max_new_tokens,
-                        fabric.global_rank, fabric.world_size, gather=lambda obj: gather_objects(fabric, obj))
+                        fabric.global_rank, fabric.world_size, gather=lambda obj: gather_objects(fabric, obj),
+                        temperature=self.args.eval_temperature)
         self.tables["eval"].extend([{"step": self.step, **row} for row in rows])
         self.fabric.log_dict({f"eval/{key}/level_{row['level']}": row[key] for row in rows
                               for key in ("accuracy", "mean_length")}, step=self.step)

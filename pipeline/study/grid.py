@@ -110,7 +110,7 @@ def _plan_run(study: Study, arm: str, seed: int, study_dir: Path, out_dir: Path,
                "out_dir": str(out_dir), "run_name": os.path.relpath(run_dir, grpo_dir), "seed": seed, "resume": True}
     where = f"arm '{arm}'"
     params = stages.parse("stage3", options, where)
-    if params["softmask"] in NEEDS_IMPORTANCE:
+    if params["softmask"] in NEEDS_IMPORTANCE and params["importance"] != "oracle":  # the oracle reads the task
         options["importance_net"] = str(export)
         params["importance_net"] = str(export)
     args = GRPOArgs(**params)
