@@ -31,6 +31,7 @@ from benchmarks.timing import Check, load_average, median, ratio, timed_method
 TARGET_TRL = 1.0
 TARGET_DELTA = 1.10
 TARGET_ONLINE = 1.03
+TARGET_CREDIT_STEP_S = 1.0  # issue 21: a credit-tiny step of 8 prompts x G 8 under 1 s on 2 CPU cores
 VARIANTS = ("none", "delta", "online")  # ours; "online" is --softmask delta --importance online
 
 
@@ -74,6 +75,30 @@ def our_trainer(ctx: Context, cfg: Config, softmask: str, export: str | None, im
                     per_device_generation_batch_size=max(64, cfg.prompts_per_step * cfg.group_size), seed=cfg.seed, out_dir=str(ctx.workdir / "stage3"), run_name=f"ours-{softmask}-{importance}",
                     importance=importance)
     return Trainer(args)
+
+
+def credit_step_seconds(ctx: Context, steps: int) -> dict[str, float]:
+    """Median step time of the credit task's own policy (8 prompts x G 8, as studies/cpu_credit.yaml), plain
+    and with the oracle's soft mask, interleaved step by step after one warm-up step."""
+    from pipeline.grpo.config import GRPOArgs
+    from pipeline.grpo.train import Trainer
+
+    def trainer(softmask: str, importance: str) -> Trainer:
+        return Trainer(GRPOArgs(model_name="credit-tiny", task_name="credit", softmask=softmask, importance=importance,
+                                levels=(0, 1, 2, 3), num_train_prompts=8 * (steps + 1), eval_prompts=1,
+                                prompts_per_step=8, group_size=8, max_steps=steps + 1, max_new_tokens=26,
+                                lr=3e-4, seed=0, out_dir=str(ctx.workdir / "stage3"),
+                                run_name=f"credit-{softmask}-{importance}"))
+
+    runs = {"none": trainer("none", "offline"), "oracle": trainer("delta", "oracle")}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for step in range(steps + 1):
+        for name, run in runs.items():
+            metrics = run.training_step(list(range(step * 8, (step + 1) * 8)))["metrics"]
+            run.step += 1
+            if step:
+                seconds[name].append(metrics["step_time_s"])
+    return {name: median(values) for name, values in seconds.items()}
 
 
 def trl_reward(weights: dict[str, float], columns: list[str]):
@@ -213,8 +238,11 @@ def run(ctx: Context, cfg: Config) -> dict[str, Any]:
                                                            summary["trl"]["median_rest_s"])
     summary["ratio_generation_ours_over_trl"] = ratio(summary["none"]["median_generation_s"],
                                                       summary["trl"]["median_generation_s"])
+    summary["credit_median_step_s"] = credit_step_seconds(ctx, cfg.steps)
     summary["load_average_before"], summary["load_average_after"] = load_before, load_average()
     summary["checks"] = [
+        Check("stage3 credit-tiny step (8 prompts x G 8) s", summary["credit_median_step_s"]["none"],
+              TARGET_CREDIT_STEP_S, "<=", f"median of {cfg.steps} steps").to_dict(),
         Check("stage3 ours(none) / TRL step time", summary["ratio_ours_over_trl"], TARGET_TRL, "<=",
               f"median of {cfg.steps} interleaved steps").to_dict(),
         Check("stage3 delta / none step time", summary["ratio_delta_over_none"], TARGET_DELTA, "<=",
@@ -233,6 +261,8 @@ def rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
            ("delta's importance net", s["export_note"])]
     names = {"trl": "TRL GRPOTrainer", "none": "ours --softmask none", "delta": "ours --softmask delta",
              "online": "ours --softmask delta --importance online"}
+    out += [(f"credit-tiny, 8 prompts x G 8, {name}: median step s", seconds)
+            for name, seconds in s["credit_median_step_s"].items()]
     for v in ("trl", *VARIANTS):
         d = s[v]
         out += [(f"{names[v]}: median step s", d["median_step_s"]),
