@@ -44,7 +44,7 @@ bench: install
 demo: install
 	bash scripts/demo.sh
 
-# The CPU study (README, "Studies"): 5 arms x 3 seeds on the embedded model, about an hour on 2 idle
+# The CPU study (README, "Studies"): 5 arms x 10 seeds on the embedded model, about 3.5 hours on 2 idle
 # cores; rerunning resumes. The report lands in rollout_dump/arithmetic/smollm2-135m/studies/cpu_arithmetic/.
 study: install
 	$(PY) run_study.py --study studies/cpu_arithmetic.yaml
