@@ -41,7 +41,7 @@ def plot_accuracy_curves(by_arm: dict[str, dict[str, Curves]], colors: dict[str,
         for arm, curves in by_arm.items():
             _band(ax, *curves[panel], arm, colors[arm])
         ax.set(title=panel, xlabel="step", ylim=(-0.02, 1.02))
-    axes[0][0].set_ylabel("greedy held-out accuracy")
+    axes[0][0].set_ylabel("held-out accuracy")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

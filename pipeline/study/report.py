@@ -268,7 +268,7 @@ def build_document(plan: StudyPlan, summary: pd.DataFrame, comparisons: dict[str
                       "read the CIs, which say how large an effect the data leave possible.")
     doc.heading("Per arm (mean over seeds)")
     doc.table(*_arm_table(summary, arms, analysis.bootstrap_samples))
-    doc.paragraph(f"Held-out accuracy: greedy, on held-out prompts of every level, at the last evaluation; mean "
+    doc.paragraph(f"Held-out accuracy: greedy (sampled with a fixed seed per prompt when stage 3 sets --eval_temperature > 0), on held-out prompts of every level, at the last evaluation; mean "
                   f"over levels, then per level. Reward AUC: mean training reward over all steps. Final reward: "
                   f"mean of the last {analysis.reward_window} steps. Steps to threshold: first step whose "
                   f"{analysis.reward_window}-step moving average reaches {threshold:.4f} "
@@ -319,7 +319,7 @@ def _study_images(plan: StudyPlan, results: list[RunResult], comparisons: dict[s
     plot_accuracy_curves({arm: accuracy_curves(runs) for arm, runs in by_arm.items()}, colors,
                          out / "accuracy_curves.png")
     images = [("reward_curves.png", "training reward per arm: mean over seeds, 95% bootstrap band"),
-              ("accuracy_curves.png", "greedy held-out accuracy per level and mean, per arm")]
+              ("accuracy_curves.png", "held-out accuracy per level and mean, per arm")]
     paired = {c.arm: c.paired for c in comparisons[PRIMARY] if c.paired.n}
     if paired:
         plot_paired_differences(paired, METRICS[PRIMARY][0], plan.study.baseline, colors,
