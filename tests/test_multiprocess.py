@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # lr 1e-3: Adam turns float-level gradient differences on near-zero gradients into steps of order lr
-ARGS = ["--task_name", "arithmetic", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "8",
+ARGS = ["--task_name", "arithmetic", "--levels", "0,1,2,3", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "8",
         "--eval_prompts", "1", "--num_train_prompts", "16", "--lr", "1e-3", "--rewards", "completion_chars=1",
         "--eval_every", "100", "--sampler", "variance_regularized", "--sampler_params",
         "{warmup_steps: 0, update_period: 1}", "--loss_type", "dapo", "--run_name", "r"]
