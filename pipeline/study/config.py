@@ -29,6 +29,14 @@ TOP_KEYS = ("name", "model_name", "task_name", "out_dir", "stage1", "stage2", "s
             "analysis", "slurm")
 
 
+# metric -> (words for the report, unit format, higher is better)
+METRICS: dict[str, tuple[str, str, bool]] = {
+    "final_accuracy": ("held-out accuracy", "{:+.3f}", True),
+    "reward_auc": ("reward AUC", "{:+.4f}", True),
+    "steps_to_threshold": ("steps to the reward threshold", "{:+.1f}", False),
+}
+
+
 @dataclass(frozen=True)
 class Analysis:
     """How the report reads the runs (changing it re-aggregates; it never reruns anything)."""
@@ -127,8 +135,6 @@ def _arms(value: Any, source: Path) -> dict[str, dict[str, Any]]:
 
 def _check_effects(effects: Any, source: Path) -> None:
     """The report says how many seeds each of these differences would take to detect."""
-    from pipeline.study.results import METRICS  # results reads Analysis from this module
-
     if not isinstance(effects, dict) or not set(effects) <= set(METRICS) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in effects.values()):
         raise _fail(source, f"analysis.effect_of_interest maps a metric ({', '.join(METRICS)}) to a difference > 0, "

@@ -22,13 +22,12 @@ import pandas as pd
 from pipeline import artifacts
 from pipeline.errors import UserError
 from pipeline.grpo.importance_guard import describe_gain, gain_is_positive, validation_evidence
-from pipeline.study.config import Analysis
+from pipeline.study.config import METRICS, Analysis
 from pipeline.study.document import Document
 from pipeline.study.execution import DONE, check_study_dir, run_state
 from pipeline.study.grid import StudyPlan
 from pipeline.study.plots import plot_accuracy_curves, plot_paired_differences, plot_reward_curves
 from pipeline.study.results import (
-    METRICS,
     PRIMARY,
     RunResult,
     accuracy_curves,

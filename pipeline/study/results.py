@@ -21,12 +21,6 @@ import pandas as pd
 from pipeline.study.config import Analysis
 from pipeline.study.grid import RunSpec
 
-# metric -> (words for the report, unit format, higher is better)
-METRICS: dict[str, tuple[str, str, bool]] = {
-    "final_accuracy": ("held-out accuracy", "{:+.3f}", True),
-    "reward_auc": ("reward AUC", "{:+.4f}", True),
-    "steps_to_threshold": ("steps to the reward threshold", "{:+.1f}", False),
-}
 PRIMARY = "final_accuracy"
 
 
