@@ -17,66 +17,79 @@ from pipeline.cli import (
     PRECISION,
     RUN_NAME,
     config_option,
+    field_defaults,
     option,
     report_to_option,
     run_stage,
     stage_command,
 )
+from pipeline.importance.config import ImportanceArgs
 from pipeline.importance.data import GROUP_STATS
 from pipeline.importance.forms import FORMS
 from pipeline.importance.loss import LIKELIHOODS, UNITS
 from pipeline.importance.model import BACKBONE_MODES, FEATURES
 from pipeline.importance.train import F_ENDS, run
 
+DEFAULT = field_defaults(ImportanceArgs)
+
 
 @stage_command()
 @config_option
 @option("rollouts", required=True, type=click.Path(),
         help="Stage-1 dump: a parquet file or a directory of part files.")
-@option("backbone", default=None, help="LM backbone (alias, HF dir or hub id) [default: the dump's model_name].")
-@option("reward_key", default="reward", help="Reward column to model: reward, reward_<name> or <name>.")
-@option("group_stats", type=click.Choice(GROUP_STATS), default="prompt",
+@option("backbone", default=DEFAULT["backbone"],
+        help="LM backbone (alias, HF dir or hub id) [default: the dump's model_name].")
+@option("reward_key", default=DEFAULT["reward_key"], help="Reward column to model: reward, reward_<name> or <name>.")
+@option("group_stats", type=click.Choice(GROUP_STATS), default=DEFAULT["group_stats"],
         help="m_q, v_q pooled over every completion of the prompt in the dump, or from the pair's own group "
              "(biased for small groups: docs/importance.md).")
-@option("likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default="auto",
+@option("likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default=DEFAULT["likelihood"],
         help="Pair loss: auto = bernoulli for a 0/1 reward column, else gaussian (docs/importance.md).")
-@option("f_form", type=click.Choice(FORMS), default="monotone",
+@option("f_form", type=click.Choice(FORMS), default=DEFAULT["f_form"],
         help="monotone: f = 1 - prod(1 - hazard) never falls; direct: f = sigmoid(head) at each position.")
-@option("f_end", type=click.Choice(F_ENDS), default="pinned",
+@option("f_end", type=click.Choice(F_ENDS), default=DEFAULT["f_end"],
         help="pinned: f(len) = 1 (reward a function of the text); learnt: from the head (noisy rewards).")
-@option("features", type=click.Choice(FEATURES), default="state+position",
+@option("features", type=click.Choice(FEATURES), default=DEFAULT["features"],
         help="What the head sees per completion token: its hidden state, a basis of its position, or both.")
-@option("backbone_mode", type=click.Choice(BACKBONE_MODES), default="frozen", help="What of the backbone trains.")
-@option("last_k", type=POSITIVE_INT, default=1, help="Trainable last layers (--backbone_mode last_k).")
-@option("lora_r", type=POSITIVE_INT, default=8, help="LoRA rank (--backbone_mode lora).")
-@option("lora_alpha", type=POSITIVE_INT, default=16, help="LoRA alpha (--backbone_mode lora).")
-@option("head_hidden", type=NON_NEGATIVE_INT, default=64,
+@option("backbone_mode", type=click.Choice(BACKBONE_MODES), default=DEFAULT["backbone_mode"],
+        help="What of the backbone trains.")
+@option("last_k", type=POSITIVE_INT, default=DEFAULT["last_k"], help="Trainable last layers (--backbone_mode last_k).")
+@option("lora_r", type=POSITIVE_INT, default=DEFAULT["lora_r"], help="LoRA rank (--backbone_mode lora).")
+@option("lora_alpha", type=POSITIVE_INT, default=DEFAULT["lora_alpha"], help="LoRA alpha (--backbone_mode lora).")
+@option("head_hidden", type=NON_NEGATIVE_INT, default=DEFAULT["head_hidden"],
         help="Hidden width of the head (one GELU layer); 0 = linear head.")
-@option("val_fraction", type=FRACTION, default=0.1, help="Share of prompts held out for validation.")
-@option("max_epochs", type=POSITIVE_INT, default=20, help="Most passes over the training pairs.")
-@option("patience", type=NON_NEGATIVE_INT, default=5,
+@option("val_fraction", type=FRACTION, default=DEFAULT["val_fraction"],
+        help="Share of prompts held out for validation.")
+@option("max_epochs", type=POSITIVE_INT, default=DEFAULT["max_epochs"], help="Most passes over the training pairs.")
+@option("patience", type=NON_NEGATIVE_INT, default=DEFAULT["patience"],
         help="Stop after this many epochs without a better val loss; 0 = never.")
-@option("batch_size", type=POSITIVE_INT, default=32, help="Pairs per batch.")
-@option("lr", type=NON_NEGATIVE_FLOAT, default=1e-2, help="Learning rate of the head.")
-@option("weight_decay", type=NON_NEGATIVE_FLOAT, default=0.01,
+@option("per_device_train_batch_size", deprecated=("batch_size",), type=POSITIVE_INT,
+        default=DEFAULT["per_device_train_batch_size"], help="Pairs per batch, on each device.")
+@option("lr", type=NON_NEGATIVE_FLOAT, default=DEFAULT["lr"], help="Learning rate of the head.")
+@option("weight_decay", type=NON_NEGATIVE_FLOAT, default=DEFAULT["weight_decay"],
         help="AdamW weight decay of the head's (and trained body's) weights.")
-@option("backbone_lr", type=NON_NEGATIVE_FLOAT, default=1e-4, help="Learning rate of trainable backbone weights.")
-@option("precision", type=PRECISION, default="32-true", help="Lightning precision: 32-true, bf16-mixed, ...")
-@option("devices", type=DEVICES, default="1", help="Lightning devices: a count, auto, -1, or ids like 0,1.")
-@option("accelerator", type=ACCELERATOR, default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
-@option("seed", type=NON_NEGATIVE_INT, default=0,
+@option("backbone_lr", type=NON_NEGATIVE_FLOAT, default=DEFAULT["backbone_lr"],
+        help="Learning rate of trainable backbone weights.")
+@option("precision", type=PRECISION, default=DEFAULT["precision"], help="Lightning precision: 32-true, bf16-mixed, ...")
+@option("devices", type=DEVICES, default=DEFAULT["devices"],
+        help="Lightning devices: a count, auto, -1, or ids like 0,1.")
+@option("accelerator", type=ACCELERATOR, default=DEFAULT["accelerator"],
+        help="Lightning accelerator: auto, cpu, gpu, ...")
+@option("seed", type=NON_NEGATIVE_INT, default=DEFAULT["seed"],
         help="Seeds the train/validation split of prompts, the batches and the head's initial weights.")
-@option("run_name", type=RUN_NAME, default=None,
+@option("run_name", type=RUN_NAME, default=DEFAULT["run_name"],
         help="Run directory name [default: <mode>-<reward column>-<group_stats>].")
-@option("out_dir", type=click.Path(file_okay=False), default=None,
-        help="Parent of the run directory [default: <dump's model dir>/importance_net].")
-@option("resume", is_flag=True, help="Continue the run from its last checkpoint.")
-@option("report_examples", type=NON_NEGATIVE_INT, default=8, help="Validation completions in report.html; 0 = no report.")
-@report_to_option
+@option("out_dir", type=click.Path(file_okay=False), default=DEFAULT["out_dir"],
+        help="Root of the output tree, as in stages 1 and 3: the run goes to <out_dir>/<task>/<model>/importance_net/"
+             "<run_name>, task and model the dump's [default: beside the dump, <dump's model dir>/importance_net].")
+@option("resume", is_flag=True, default=DEFAULT["resume"], help="Continue the run from its last checkpoint.")
+@option("report_examples", type=NON_NEGATIVE_INT, default=DEFAULT["report_examples"],
+        help="Validation completions in report.html; 0 = no report.")
+@report_to_option(DEFAULT["report_to"])
 @run_stage
 def main(**kwargs) -> None:
     """Train f_theta(t) = Corr(R1, R2 | shared prefix of t tokens) by maximum likelihood on paired rollouts."""
-    summary = run(**kwargs)
+    summary = run(ImportanceArgs(**kwargs))
     lo, hi = summary["gain_ci95"]
     click.echo(f"wrote {summary['run_dir']} (export: {summary['export']})")
     click.echo(f"val {summary['likelihood']} loss {summary['loss']:.4f} vs {summary['baseline_loss']:.4f} for the best "

@@ -72,6 +72,7 @@ class BatchTimer(L.Callback):
 def train(ctx: Context, dump_path: Path, cfg: Config) -> dict[str, Any]:
     from pipeline.errors import UserError
     from pipeline.importance import train as importance_train
+    from pipeline.importance.config import ImportanceArgs
     from pipeline.importance.data import load_pairs
 
     timer, fit_time = BatchTimer(), {}
@@ -85,9 +86,10 @@ def train(ctx: Context, dump_path: Path, cfg: Config) -> dict[str, Any]:
         return result
 
     with mock.patch.object(L.Trainer, "fit", timed_fit), Stopwatch() as total:
-        result = importance_train.run(dump_path, backbone=MODEL, reward_key=stage1.BENCH_REWARD, max_epochs=cfg.max_epochs, batch_size=cfg.batch_size,
-                                      val_fraction=cfg.val_fraction, out_dir=ctx.workdir / "stage2",
-                                      run_name="bench", report_examples=0)
+        result = importance_train.run(ImportanceArgs(
+            str(dump_path), backbone=MODEL, reward_key=stage1.BENCH_REWARD, max_epochs=cfg.max_epochs,
+            per_device_train_batch_size=cfg.batch_size, val_fraction=cfg.val_fraction,
+            out_dir=str(ctx.workdir / "stage2"), run_name="bench", report_examples=0))
     meta = json.loads((Path(result["run_dir"]) / "metadata.json").read_text())
     try:  # how many pairs the task reward itself would have left
         task_reward_pairs = load_pairs(dump_path, "reward")[1]["pairs_kept"]

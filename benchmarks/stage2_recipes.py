@@ -139,6 +139,7 @@ def truth_errors(export: str, truth: str, n: int = 300, seed: int = 99) -> dict[
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.importance.config import ImportanceArgs
     from pipeline.importance.data import load_pairs, split_by_prompt
     from pipeline.importance.loss import is_binary
     from pipeline.importance.model import FeatureCache
@@ -185,10 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         recipe = recipe_options(name)
         cache = caches.setdefault(str(dump), FeatureCache("all"))
         t0 = time.time()
-        result = run(dump, backbone=backbone, reward_key=reward_key, seed=seed, out_dir=out_dir,
-                     run_name=f"{Path(dump).parent.name}-{reward_key}-{name}-s{seed}", report_examples=0,
-                     feature_cache=cache if recipe.get("backbone_mode", "frozen") == "frozen" else None,
-                     **recipe)
+        result = run(ImportanceArgs(str(dump), backbone=backbone, reward_key=reward_key, seed=seed,
+                                    out_dir=str(out_dir), run_name=f"{Path(dump).parent.name}-{reward_key}-{name}-s{seed}",
+                                    report_examples=0, **recipe),
+                     feature_cache=cache if recipe.get("backbone_mode", "frozen") == "frozen" else None)
         line = {"dump": str(dump), "truth": truth, "reward_key": reward_key, "recipe": name, "options": recipe,
                 "seed": seed, "likelihood": result["likelihood"], "gain": result["gain"], "gain_ci95": result["gain_ci95"],
                 "chosen": result["chosen"], "baseline_f": result["baseline_f"], "pairs": result["pairs"],

@@ -56,7 +56,7 @@ def importance_export(ctx: Context) -> tuple[str, str]:
     from pipeline.importance.export import save_export
     from pipeline.importance.model import ImportanceNet, NetConfig
 
-    path = save_export(ImportanceNet(NetConfig(backbone=MODEL)), ctx.workdir / "stage3" / "export",
+    path = save_export(ImportanceNet(NetConfig(backbone=MODEL, head_hidden=0)), ctx.workdir / "stage3" / "export",
                        tokenizer=tokenizer_fingerprint(ctx.tokenizer), reward_key="reward", group_stats="group",
                        baseline_f=0.3)
     return str(path), "untrained export (frozen backbone + random linear head): same cost as a trained one"

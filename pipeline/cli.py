@@ -6,6 +6,8 @@ Every option is declared with ``option(name, aliases=(...), type=..., ...)``: ``
 errors name the seed spelling, and a ``--config`` YAML file may use any of these spellings as keys.
 ``deprecated=(...)`` spellings (an option's old names) work too, with a one-line warning once the command
 line parses. ``switch(flag, name, value)`` is a flag that sets another option's value (TRL's ``--bf16``).
+Stages 2 and 3 take their defaults from their arguments dataclass (``default=DEFAULT["lr"]``, ``DEFAULT =
+field_defaults(ImportanceArgs)``), as TRL's CLIs take theirs from GRPOConfig: one default per option.
 
 Every value is checked at parse time by one of the shared types below. New options use them too, so that
 bad input fails before any model loads or anything is written (tests/test_bad_input.py holds the cases):
@@ -27,6 +29,7 @@ Checks that need several options or the files go into each stage's ``validate`` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -156,6 +159,14 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
+def field_defaults(args_class: type) -> dict[str, Any]:
+    """Each field's default by name (a fresh one from a ``default_factory``): a stage's CLI takes its defaults
+    from its arguments dataclass, so every option has one default, in one place."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(args_class)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
 config_option = click.option(
     "--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
     help="YAML file of option defaults (command-line flags win).",
@@ -271,9 +282,10 @@ class RegistryChoice(click.Choice):
         return tuple(sorted(self.registry))
 
 
-def report_to_option(fn: Callable) -> Callable:
+def report_to_option(default: tuple[str, ...]) -> Callable:
     """``--report_to tensorboard,wandb`` (comma-separated or repeated): experiment trackers besides metrics.csv
-    (stages 2 and 3); pipeline/trackers.py checks the names here, and their packages before a run starts."""
+    (stages 2 and 3, ``default`` from their arguments); pipeline/trackers.py checks the names here, and their
+    packages before a run starts."""
     from pipeline.trackers import TRACKERS, parse_report_to
 
     def parse(_ctx: click.Context, _param: click.Parameter, value: Any) -> tuple[str, ...]:
@@ -282,9 +294,9 @@ def report_to_option(fn: Callable) -> Callable:
         except UserError as err:
             raise click.BadParameter(str(err)) from err
 
-    return option("report_to", multiple=True, default=("csv",), callback=parse,
+    return option("report_to", multiple=True, default=default, callback=parse,
                   help=f"Trackers: {', '.join(TRACKERS)}; comma-separated or repeated (metrics.csv is always "
-                       "written).")(fn)
+                       "written).")
 
 
 # ---- Lightning's options -----------------------------------------------------------------------------------

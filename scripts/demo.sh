@@ -16,7 +16,7 @@ $PY generate_paired_rollouts.py --model_name $MODEL --task_name $TASK --levels 0
 echo "== stage 2: importance network (frozen backbone + 64-unit head) =="
 RESUME2=$([ -f "$STAGE/importance_net/demo/checkpoints/last.ckpt" ] && echo --resume || true)
 $PY train_importance_net.py --rollouts "$STAGE/rollouts_demo" --group_stats prompt --val_fraction 0.25 --max_epochs 8 \
-    --batch_size 32 --run_name demo $RESUME2
+    --per_device_train_batch_size 32 --run_name demo $RESUME2
 
 echo "== stage 3: GRPO with --softmask delta under the gaussian curriculum =="
 $PY train_grpo_softmask.py --model_name $MODEL --task_name $TASK --levels 0,1,2,3 \

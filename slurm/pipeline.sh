@@ -54,7 +54,7 @@ submit() {  # sbatch ARGS... -> the new job's id
 j1=$(submit --array=0-$((shards - 1)) slurm/stage1_rollouts.sbatch \
      --model_name "$model" --task_name "$task" --out_dir "$out" --tag "$tag" ${stage1[@]+"${stage1[@]}"})
 j2=$(submit --dependency=afterok:"$j1" --kill-on-invalid-dep=yes slurm/stage2_importance.sbatch \
-     --rollouts "$rollouts" --out_dir "$importance" --run_name "$run" ${stage2[@]+"${stage2[@]}"})
+     --rollouts "$rollouts" --out_dir "$out" --run_name "$run" ${stage2[@]+"${stage2[@]}"})
 j3=$(submit --dependency=afterok:"$j2" --kill-on-invalid-dep=yes slurm/stage3_grpo.sbatch \
      --model_name "$model" --task_name "$task" --importance_net "$importance/$run/export" --out_dir "$out" \
      --run_name "$run" ${stage3[@]+"${stage3[@]}"})

@@ -230,7 +230,7 @@ STAGE2 = [
     case("stage2", "--lr -1", rf"'--lr': -1.0 {RANGE} x>=0"),
     case("stage2", "--lr inf", r"'--lr': 'inf' is not a finite number"),
     case("stage2", "--backbone_lr -0.1", rf"'--backbone_lr': -0.1 {RANGE}"),
-    case("stage2", "--batch_size 0", rf"'--batch_size': 0 {RANGE}"),
+    case("stage2", "--per_device_train_batch_size 0", rf"'--per_device_train_batch_size': 0 {RANGE}"),
     case("stage2", "--max_epochs 0", rf"'--max_epochs': 0 {RANGE}"),
     case("stage2", "--lora_r 0", rf"'--lora_r': 0 {RANGE}"),
     case("stage2", "--lora_alpha 0", rf"'--lora_alpha': 0 {RANGE}"),

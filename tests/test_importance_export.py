@@ -23,9 +23,10 @@ PROMPTS = [[5, 6, 7, 1, 90], [9, 1, 90], [11, 12, 13, 14, 15, 16, 1, 90]]
 COMPLETIONS = [[60, 61, 250, 70], [], [80, 81, 82, 83, 84, 85, 86]]
 
 
-def _net(model_dir, mode: str = "frozen", seed: int = 0, **kwargs) -> ImportanceNet:
-    """A network whose trainable weights are random (not the init), so a lost weight shows up in the scores."""
-    net = ImportanceNet(NetConfig(str(model_dir), backbone_mode=mode, **kwargs))
+def _net(model_dir, mode: str = "frozen", seed: int = 0, head_hidden: int = 0, **kwargs) -> ImportanceNet:
+    """A network (linear head unless ``head_hidden``) whose trainable weights are random (not the init), so a
+    lost weight shows up in the scores."""
+    net = ImportanceNet(NetConfig(str(model_dir), backbone_mode=mode, head_hidden=head_hidden, **kwargs))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.trainable_state_dict().values():

@@ -20,6 +20,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.importance import load
+from pipeline.importance.config import ImportanceArgs
 from pipeline.importance.model import FeatureCache
 from pipeline.importance.train import _checkpoints, run
 from pipeline.models import load_tokenizer
@@ -166,12 +167,12 @@ def test_runs_sharing_a_feature_cache(model_dir, tmp_path):
     dump = write_synthetic_dump(tmp_path / "synthetic" / "tiny" / "rollouts_c.parquet", load_tokenizer(model_dir),
                                 model_dir, n_prompts=16, groups_per_prompt=2)
     cache = FeatureCache("all")
-    common = {"report_examples": 0, "max_epochs": 1, "feature_cache": cache}
-    first = run(dump, backbone=model_dir, run_name="states", **common)
+    common = {"rollouts": str(dump), "backbone": model_dir, "report_examples": 0, "max_epochs": 1}
+    first = run(ImportanceArgs(run_name="states", **common), feature_cache=cache)
     cached = len(cache)
     assert cached > 0
-    position = run(dump, backbone=model_dir, run_name="position", features="position", **common)
-    again = run(dump, backbone=model_dir, run_name="again", **common)
+    position = run(ImportanceArgs(run_name="position", features="position", **common), feature_cache=cache)
+    again = run(ImportanceArgs(run_name="again", **common), feature_cache=cache)
     assert len(cache) == cached and position["gain"] >= 0 and again["loss"] == pytest.approx(first["loss"])
     metas = [json.loads((tmp_path / "synthetic" / "tiny" / "importance_net" / name / "metadata.json").read_text())
              for name in ("states", "position", "again")]
@@ -183,8 +184,9 @@ def test_config_resume_and_refusals(model_dir, tmp_path):
                                 model_dir, n_prompts=8, groups_per_prompt=1)
     config = tmp_path / "stage2.yaml"
     config.write_text(yaml.safe_dump({"max-epochs": 2, "batch_size": 16, "run_name": "r", "report_examples": 0,
-                                      "backbone_mode": "lora", "lora_r": 2}))
-    _train(dump, "--config", str(config), "--resume")  # nothing to resume yet (a requeue before epoch 1): starts
+                                      "backbone_mode": "lora", "lora_r": 2}))  # batch_size: the old spelling
+    started = _train(dump, "--config", str(config), "--resume")  # nothing to resume yet (a requeue before epoch 1)
+    assert f"warning: 'batch_size' in '{config}' is deprecated: use per_device_train_batch_size" in started.stderr
     run_dir = tmp_path / "synthetic" / "tiny" / "importance_net" / "r"
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["state_dict"] and all(".lora_" in k or k.startswith("net.head.") for k in checkpoint["state_dict"])
@@ -195,6 +197,11 @@ def test_config_resume_and_refusals(model_dir, tmp_path):
                                         "--group_stats", "group"])
     assert refused.exit_code == 2 and "--resume: group_stats differ" in refused.stderr
 
+    meta_path = run_dir / "metadata.json"  # recorded as before the rename: the run still resumes
+    meta = json.loads(meta_path.read_text())
+    assert meta["arguments"]["per_device_train_batch_size"] == 16
+    meta["arguments"]["batch_size"] = meta["arguments"].pop("per_device_train_batch_size")
+    meta_path.write_text(json.dumps(meta))
     _train(dump, "--config", str(config), "--resume", "--max_epochs", "3")
     with (run_dir / "metrics.csv").open() as handle:
         epochs = [int(r["epoch"]) for r in csv.DictReader(handle) if r["val/loss"]]

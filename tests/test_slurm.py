@@ -173,6 +173,7 @@ def test_pipeline_submits_a_dependency_chain(submitted):
     rollouts = "rollout_dump/qa/my-llm/rollouts_exp1"  # the stage's own naming: dataset stem, model dir name
     stage2 = _user_args(calls, "stage2_importance.sbatch")
     assert stage2[stage2.index("--rollouts") + 1] == rollouts
+    assert stage2[stage2.index("--out_dir") + 1] == "rollout_dump"  # the tree's root, as for stages 1 and 3
     stage3 = _user_args(calls, "stage3_grpo.sbatch")
     assert stage3[stage3.index("--importance_net") + 1] == "rollout_dump/qa/my-llm/importance_net/r1/export"
 

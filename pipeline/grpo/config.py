@@ -1,4 +1,5 @@
-"""Stage-3 arguments: one dataclass, so the CLI, config files, checkpoints and tests agree."""
+"""Stage-3 arguments: one dataclass, so the CLI (its defaults read from here), config files, checkpoints and
+tests agree."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pipeline.credit_truth import TASK as CREDIT_TASK
 from pipeline.errors import UserError
 from pipeline.grpo.logprobs import DEFAULT_CHUNK_SIZE
 from pipeline.grpo.softmask import NEEDS_F
+from pipeline.models import DEFAULT_MODEL
 
 NEEDS_IMPORTANCE = NEEDS_F  # the soft masks that read f, as registered (register_softmask(..., needs_f=True))
 SCALE_REWARDS = ("group", "batch", "none")
@@ -39,7 +41,7 @@ def check_precision(precision: str, use_peft: bool) -> None:
 
 @dataclass
 class GRPOArgs:
-    model_name: str
+    model_name: str = DEFAULT_MODEL
     task_name: str = "arithmetic"
     importance_net: str | None = None
     softmask: str = "none"
@@ -57,7 +59,7 @@ class GRPOArgs:
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
-    rewards: dict[str, float] = field(default_factory=dict)
+    rewards: str | dict[str, float] = ""  # name=weight,... (the CLI's) or a mapping; "": the task's
     reward_model: str | None = None
     rm_calibration_prompts: int = 16
     loss_type: str = "dapo"

@@ -188,7 +188,7 @@ class OnlineImportance:
     def __init__(self, hidden_size: int, options: OnlineOptions, device: torch.device | str,
                  config: NetConfig | None = None, head_weights: dict[str, Tensor] | None = None) -> None:
         self.options, self.hidden_size = options, hidden_size
-        self.head = OnlineHead(hidden_size, config or NetConfig(backbone="policy")).to(device)
+        self.head = OnlineHead(hidden_size, config or NetConfig(backbone="policy", head_hidden=0)).to(device)
         if head_weights is not None:
             self.head.head.load_state_dict(head_weights)
         else:

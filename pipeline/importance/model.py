@@ -19,6 +19,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
+from pipeline.importance.config import ImportanceArgs
 from pipeline.importance.forms import FORMS, KNOTS, curve, f_along, initial_bias, position_features
 from pipeline.importance.loss import LIKELIHOODS
 from pipeline.importance.metrics import ValidationStats
@@ -32,17 +33,18 @@ STATE_LEVERAGE = 4.0  # the state block moves a(u) this many times faster than t
 
 @dataclass
 class NetConfig:
-    """Everything needed to rebuild the network's structure; the export stores it."""
+    """Everything needed to rebuild the network's structure; the export stores it. Its defaults are stage 2's
+    options' (``ImportanceArgs``), not competing ones."""
 
     backbone: str
-    backbone_mode: str = "frozen"
-    last_k: int = 1
-    lora_r: int = 8
-    lora_alpha: int = 16
-    head_hidden: int = 0  # 0: a linear head; > 0: one hidden layer of that width
-    form: str = "monotone"  # forms.FORMS
-    pin_end: bool = True  # f(len) = 1; False: f(len) comes from the head like every other position
-    features: str = "state+position"  # FEATURES
+    backbone_mode: str = ImportanceArgs.backbone_mode
+    last_k: int = ImportanceArgs.last_k
+    lora_r: int = ImportanceArgs.lora_r
+    lora_alpha: int = ImportanceArgs.lora_alpha
+    head_hidden: int = ImportanceArgs.head_hidden  # 0: a linear head; > 0: one hidden layer of that width
+    form: str = ImportanceArgs.f_form  # forms.FORMS
+    pin_end: bool = ImportanceArgs.f_end == "pinned"  # False: f(len) comes from the head like every other position
+    features: str = ImportanceArgs.features  # FEATURES
     constant: float | None = None  # set when the best candidate on validation was the constant f: f = it for 0 < t
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,9 +188,8 @@ class FeatureCache:
 class ImportanceModule(L.LightningModule):
     """Fits f by the chosen pair likelihood (docs/design.md); validation compares it with the best constant."""
 
-    def __init__(self, net_config: dict[str, Any], likelihood: str, init_value: float, baseline_f: float,
-                 lr: float = 1e-2, backbone_lr: float = 1e-4, weight_decay: float = 0.0,
-                 feature_cache: FeatureCache | None = None) -> None:
+    def __init__(self, net_config: dict[str, Any], likelihood: str, init_value: float, baseline_f: float, *,
+                 lr: float, backbone_lr: float, weight_decay: float, feature_cache: FeatureCache | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["feature_cache"])
         self.net = ImportanceNet(NetConfig(**{**net_config, "constant": None}))

@@ -11,6 +11,7 @@ import io
 import logging
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,20 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline.artifacts import check_writable, ensure_writable_dir, now_iso, provenance, read_json, write_json
+from pipeline.artifacts import (
+    check_writable,
+    ensure_writable_dir,
+    now_iso,
+    provenance,
+    read_json,
+    stage_dir,
+    write_json,
+)
 from pipeline.cli import check_lightning, lightning_devices
 from pipeline.credit_truth import compare_export
 from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
+from pipeline.importance.config import IDENTITY_ARGS, ImportanceArgs
 from pipeline.importance.data import PairDataModule, dump_reward_column
 from pipeline.importance.export import load, save_export
 from pipeline.importance.forms import constant_hazard_curve
@@ -40,15 +50,14 @@ from pipeline.importance.metrics import TABLES, TableWriter
 from pipeline.importance.model import FeatureCache, ImportanceModule, NetConfig
 from pipeline.importance.plots import plot_calibration, plot_f_by_position
 from pipeline.importance.report import Example, write_report
-from pipeline.models import ALIASES, load_config, load_tokenizer
+from pipeline.models import ALIASES, load_config, load_tokenizer, model_slug
+from pipeline.tasks import task_slug
 from pipeline.trackers import make_loggers, parse_report_to
 
 log = logging.getLogger(__name__)
 
-# A resumed run must see the same data and network as the one it continues.
-IDENTITY_ARGS = ("rollouts", "backbone", "reward_key", "group_stats", "val_fraction", "seed", "backbone_mode",
-                 "last_k", "lora_r", "lora_alpha", "head_hidden", "likelihood", "f_form", "f_end", "features")
 F_ENDS = ("pinned", "learnt")
+RUNS_DIR = "importance_net"  # <out_dir>/<task>/<model>/importance_net/<run>
 LAST_CKPT = "last.ckpt"
 
 
@@ -71,13 +80,20 @@ class ResumableCSVLogger(CSVLogger):
 
 
 def default_run_dir(rollouts: str | Path, run_name: str, out_dir: str | Path | None) -> Path:
-    """``<out_dir>/<run>``, else ``rollout_dump/<task>/<model>/importance_net/<run>`` beside the dump."""
+    """``<out_dir>/<task>/<model>/importance_net/<run>``, ``--out_dir`` the root of the tree as in stages 1 and 3
+    (the dump's task and model, named as they name them); without it the same place beside the dump:
+    ``<dump's model dir>/importance_net/<run>``."""
     if out_dir is not None:
-        return Path(out_dir) / run_name
+        meta = read_metadata(rollouts)
+        missing = [key for key in ("task_name", "model_name") if not meta.get(key)]
+        if missing:
+            raise UserError(f"rollouts '{rollouts}' record no {' or '.join(missing)}, which name the run's place "
+                            "under --out_dir: drop --out_dir (the run then goes beside the dump)")
+        return stage_dir(out_dir, task_slug(meta["task_name"]), model_slug(meta["model_name"])) / RUNS_DIR / run_name
     path = Path(rollouts).resolve()
     if path.is_file() and path.parent.name.startswith("rollouts_"):  # a part file inside rollouts_<tag>/
         path = path.parent
-    return path.parent / "importance_net" / run_name
+    return path.parent / RUNS_DIR / run_name
 
 
 def check_tokenizer(meta: dict[str, Any], fingerprint: dict[str, Any], backbone: str, rollouts: str | Path) -> None:
@@ -205,79 +221,71 @@ def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_fro
     return trainer, chosen
 
 
-def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "reward", group_stats: str = "prompt",
-        likelihood: str = "auto", f_form: str = "monotone", f_end: str = "pinned", features: str = "state+position",
-        backbone_mode: str = "frozen", last_k: int = 1, lora_r: int = 8, lora_alpha: int = 16, head_hidden: int = 64,
-        val_fraction: float = 0.1, max_epochs: int = 20, patience: int = 5, batch_size: int = 32, lr: float = 1e-2,
-        weight_decay: float = 0.01, backbone_lr: float = 1e-4, precision: str = "32-true",
-        devices: str | int = 1, accelerator: str = "auto", seed: int = 0, run_name: str | None = None,
-        out_dir: str | Path | None = None, resume: bool = False, report_examples: int = 8,
-        report_to: tuple[str, ...] = ("csv",), feature_cache: FeatureCache | None = None) -> dict[str, Any]:
+def run(args: ImportanceArgs, feature_cache: FeatureCache | None = None) -> dict[str, Any]:
     """Train the importance network on a stage-1 dump; returns the run summary (also in metadata.json).
 
     ``feature_cache``: a frozen backbone's prefix states shared by several runs in one process (the
     recipe measurements); each run computes its own otherwise.
     """
     started, t0 = now_iso(), time.time()
-    check_lightning(quiet=True, accelerator=accelerator, devices=devices, precision=precision)
-    if f_end not in F_ENDS:
-        raise UserError(f"--f_end must be one of {', '.join(F_ENDS)}, got '{f_end}'")
-    if patience < 0:
-        raise UserError(f"--patience must be >= 0 (0: no early stopping), got {patience}")
+    rollouts = args.rollouts
+    check_lightning(quiet=True, accelerator=args.accelerator, devices=args.devices, precision=args.precision)
+    if args.f_end not in F_ENDS:
+        raise UserError(f"--f_end must be one of {', '.join(F_ENDS)}, got '{args.f_end}'")
+    if args.patience < 0:
+        raise UserError(f"--patience must be >= 0 (0: no early stopping), got {args.patience}")
     meta = read_metadata(rollouts)
     version = schema_version(rollouts, meta)
-    backbone = backbone or meta.get("model_name")
+    backbone = args.backbone or meta.get("model_name")
     if not backbone:
         raise UserError(f"rollouts '{rollouts}' record no model_name: pass --backbone")
-    check_writable(default_run_dir(rollouts, run_name or "run", out_dir).parent)
-    _check_last_k(backbone, backbone_mode, last_k)
+    check_writable(default_run_dir(rollouts, args.run_name or "run", args.out_dir).parent)
+    _check_last_k(backbone, args.backbone_mode, args.last_k)
     tokenizer = load_tokenizer(backbone)
     fingerprint = tokenizer_fingerprint(tokenizer)
     check_tokenizer(meta, fingerprint, backbone, rollouts)
-    run_name = run_name or f"{backbone_mode}-{dump_reward_column(rollouts, reward_key)}-{group_stats}"
-    run_dir = default_run_dir(rollouts, run_name, out_dir)
-    trackers = make_loggers(report_to, run_dir, run_name)
-    args = {"rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone), "reward_key": reward_key,
-            "group_stats": group_stats, "likelihood": likelihood, "f_form": f_form, "f_end": f_end,
-            "features": features, "backbone_mode": backbone_mode, "last_k": last_k,
-            "lora_r": lora_r, "lora_alpha": lora_alpha, "head_hidden": head_hidden, "val_fraction": val_fraction,
-            "max_epochs": max_epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
-            "weight_decay": weight_decay, "backbone_lr": backbone_lr, "precision": precision, "devices": str(devices),
-            "accelerator": accelerator, "seed": seed, "run_name": run_name,
-            "out_dir": str(out_dir) if out_dir else None, "resume": resume, "report_examples": report_examples,
-            "report_to": list(parse_report_to(report_to))}
+    run_name = args.run_name or f"{args.backbone_mode}-{dump_reward_column(rollouts, args.reward_key)}-{args.group_stats}"
+    run_dir = default_run_dir(rollouts, run_name, args.out_dir)
+    trackers = make_loggers(args.report_to, run_dir, run_name)
+    recorded = {**asdict(args), "rollouts": str(Path(rollouts).resolve()), "backbone": _backbone_ref(backbone),
+                "devices": str(args.devices), "run_name": run_name,
+                "out_dir": str(args.out_dir) if args.out_dir else None, "report_to": list(parse_report_to(args.report_to))}
     is_rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs this; only rank 0 writes
     if is_rank_zero:
-        _check_run_dir(run_dir, resume, args)
-    resume_from = _checkpoints(run_dir)[-1] if resume and _checkpoints(run_dir) else None
+        _check_run_dir(run_dir, args.resume, recorded)
+    resume_from = _checkpoints(run_dir)[-1] if args.resume and _checkpoints(run_dir) else None
 
     log.info("rollouts '%s': %s", rollouts, version)
-    L.seed_everything(seed, verbose=False)
-    dm = PairDataModule(rollouts, reward_key, group_stats, val_fraction, batch_size, seed)
+    L.seed_everything(args.seed, verbose=False)
+    dm = PairDataModule(rollouts, args.reward_key, args.group_stats, args.val_fraction,
+                        args.per_device_train_batch_size, args.seed)
     dm.setup()
     if dm.max_token_id() >= len(tokenizer):
         raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
                         f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
-    resolved = resolve_likelihood(likelihood, is_binary(dm.train.r1, dm.train.r2, dm.val.r1, dm.val.r2),
+    resolved = resolve_likelihood(args.likelihood, is_binary(dm.train.r1, dm.train.r2, dm.val.r1, dm.val.r2),
                                   dm.reward_column)
 
-    baseline_f, init_value = starting_point(f_form, resolved, dm.train.split, dm.train.targets())
-    net_config = NetConfig(args["backbone"], backbone_mode, last_k, lora_r, lora_alpha, head_hidden, f_form,
-                           f_end == "pinned", features)
-    module = ImportanceModule(net_config.to_dict(), resolved, init_value, baseline_f, lr, backbone_lr, weight_decay,
+    baseline_f, init_value = starting_point(args.f_form, resolved, dm.train.split, dm.train.targets())
+    net_config = NetConfig(backbone=recorded["backbone"], backbone_mode=args.backbone_mode, last_k=args.last_k,
+                           lora_r=args.lora_r, lora_alpha=args.lora_alpha, head_hidden=args.head_hidden,
+                           form=args.f_form, pin_end=args.f_end == "pinned", features=args.features)
+    module = ImportanceModule(net_config.to_dict(), resolved, init_value, baseline_f, lr=args.lr,
+                              backbone_lr=args.backbone_lr, weight_decay=args.weight_decay,
                               feature_cache=feature_cache)
     if is_rank_zero and resume_from is None:
         ensure_writable_dir(run_dir)
         for stale in ("metrics.csv", *(f"{name}.csv" for name in TABLES)):  # of a run that died before epoch 1
             (run_dir / stale).unlink(missing_ok=True)
-    metadata = {"stage": "train_importance_net", "status": "running", "arguments": args, "run_dir": str(run_dir),
+    metadata = {"stage": "train_importance_net", "status": "running", "arguments": recorded, "run_dir": str(run_dir),
                 "reward_column": dm.reward_column, "likelihood": resolved, "tokenizer": fingerprint,
                 "dump_metadata": meta, "counts": dm.counts, "baseline_f": baseline_f, "initial_value": init_value,
                 "started": started, **provenance()}
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
-    trainer, chosen = _fit(module, dm, run_dir, resume_from, patience, trackers, max_epochs=max_epochs,
-                           accelerator=accelerator, devices=lightning_devices(devices), precision=precision)
+    trainer, chosen = _fit(module, dm, run_dir, resume_from, args.patience, trackers, max_epochs=args.max_epochs,
+                           accelerator=args.accelerator, devices=lightning_devices(args.devices),
+                           precision=args.precision)
     final = module.val_summary
     if not is_rank_zero:
         return final
@@ -286,13 +294,13 @@ def run(rollouts: str | Path, backbone: str | None = None, reward_key: str = "re
                   "gain_ci95": final["gain_ci95"], "pairs": final["pairs"], "prompts": final["prompts"],
                   "loss": final["loss"], "baseline_loss": final["baseline_loss"], "chosen": chosen}
     export_dir = save_export(module.net, run_dir / "export", tokenizer=fingerprint, reward_key=dm.reward_column,
-                             group_stats=group_stats, likelihood=resolved, baseline_f=baseline_f,
+                             group_stats=args.group_stats, likelihood=resolved, baseline_f=baseline_f,
                              validation=validation)
     plot_calibration(final["calibration"], run_dir / "calibration.png")
     plot_f_by_position(final["f_by_position"], run_dir / "f_by_position.png")
     scorer = load(export_dir)
-    if report_examples > 0:
-        write_report(scorer, tokenizer, _report_examples(dm, report_examples), run_dir / "report.html")
+    if args.report_examples > 0:
+        write_report(scorer, tokenizer, _report_examples(dm, args.report_examples), run_dir / "report.html")
     truth = compare_export(scorer, rollouts, np.unique(dm.val.prompt_id))  # the credit task's known f; else None
     metadata.update(truth=truth)
     metadata.update(status="done", finished=now_iso(), runtime_s=round(time.time() - t0, 2),
