@@ -79,7 +79,8 @@ def test_stage3_models_follow_the_accelerator(fake_cuda, monkeypatch, tiny_model
         model_name=str(tiny_model_dir), task_name="arithmetic", importance_net=str(export), softmask="delta",
         rewards={"completion_chars": 1.0, "hybrid": 1.0}, reward_model=str(reward_model_dir),
         rm_calibration_prompts=2, beta=0.04, max_new_tokens=4, num_train_prompts=4, eval_prompts=1,
-        out_dir=str(tmp_path), accelerator="cpu"))
+        out_dir=str(tmp_path), accelerator="cpu", max_steps=1))
+    trainer.fit()  # the reward model loads for its calibration as the run starts
     assert trainer.fabric.device == torch.device("cpu")
     assert fake_cuda == [], "nothing went to the GPU the run was told not to use"
     assert hybrid_reward.active_hybrid().model.device == torch.device("cpu")
