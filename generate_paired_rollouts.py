@@ -38,7 +38,7 @@ from pipeline.models import DEFAULT_MODEL
 @option("seed", type=NON_NEGATIVE_INT, default=0, help="Seeds every request's sampling and the split points.")
 @option("rewards", default="", help="name=weight,... from rewards.py (default: the task's).")
 @reward_model_options
-@option("split_quantile", type=UNIT_INTERVAL, default=0.9, help="t ~ U{0..quantile of other prompts' lengths}.")
+@option("split_quantile", type=UNIT_INTERVAL, default=0.9, help="t ~ U{0..quantile of the prompt's other sister-A lengths}.")
 @option("max_split_tokens", type=NON_NEGATIVE_INT, default=None, help="Fixed t_max instead of the quantile rule.")
 @option("prompts_per_chunk", type=POSITIVE_INT, default=8,
         help="Prompts per written chunk (the unit of resume); keep prompts x groups x G/2 >= "

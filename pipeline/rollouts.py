@@ -44,15 +44,19 @@ def request_seed(seed: int, prompt_id: int, group_id: int, completion_id: int) -
     return int(np.random.SeedSequence([seed, prompt_id, group_id, completion_id]).generate_state(1)[0])
 
 
-def split_limits(lengths_by_prompt: Sequence[Sequence[int]], max_new_tokens: int, cfg: PairingConfig) -> list[int]:
-    """t_max per prompt, from the other prompts' sister-A lengths, so t is independent of A."""
-    if cfg.max_split_tokens is not None:
-        return [min(cfg.max_split_tokens, max_new_tokens)] * len(lengths_by_prompt)
+def split_limits(lengths_by_prompt: Sequence[Sequence[int]], max_new_tokens: int,
+                 quantile: float) -> list[list[int]]:
+    """t_max for each pair: a quantile of its prompt's other sister-A lengths (the other prompts' when the
+    prompt has one pair), never of its own A, so t is independent of A yet fits the prompt's lengths."""
     limits = []
-    for i in range(len(lengths_by_prompt)):
-        others = [n for j, lengths in enumerate(lengths_by_prompt) if j != i for n in lengths]
-        q = np.quantile(others, cfg.split_quantile) if others else max_new_tokens
-        limits.append(int(min(math.ceil(q), max_new_tokens)))
+    for i, lengths in enumerate(lengths_by_prompt):
+        rest = [n for j, other in enumerate(lengths_by_prompt) if j != i for n in other]
+        per_pair = []
+        for k in range(len(lengths)):
+            others = [*lengths[:k], *lengths[k + 1:]] or rest
+            q = np.quantile(others, quantile) if others else max_new_tokens
+            per_pair.append(int(min(math.ceil(q), max_new_tokens)))
+        limits.append(per_pair)
     return limits
 
 
@@ -72,11 +76,12 @@ def sample_pairs(backend: GenerationBackend, prompts: Sequence[Prompt], params: 
     seeds_b = [request_seed(seed, p.row["prompt_id"], gid, 2 * k + 1) for p, gid, k in slots]
     per_prompt = len(slots) // len(prompts)
 
-    def draw_splits(limits: list[int]) -> list[int]:
-        return [int(rng.integers(0, limits[i // per_prompt] + 1)) for i in range(len(slots))]
+    def draw_splits(limits: Sequence[int]) -> list[int]:  # one t_max per slot
+        return [int(rng.integers(0, limit + 1)) for limit in limits]
 
-    if cfg.max_split_tokens is not None and hasattr(backend, "generate_pairs"):
-        splits = draw_splits(split_limits([[]] * len(prompts), params.max_new_tokens, cfg))
+    fixed = None if cfg.max_split_tokens is None else [min(cfg.max_split_tokens, params.max_new_tokens)] * len(slots)
+    if fixed is not None and hasattr(backend, "generate_pairs"):
+        splits = draw_splits(fixed)
         sisters_a, sisters_b = backend.generate_pairs(
             requests_a, [Request(r.prompt_ids, r.max_new_tokens, s) for r, s in zip(requests_a, seeds_b, strict=True)],
             splits, params)
@@ -84,7 +89,9 @@ def sample_pairs(backend: GenerationBackend, prompts: Sequence[Prompt], params: 
         sisters_a = backend.generate(requests_a, params)
         lengths = [[len(c.token_ids) for c in sisters_a[i * per_prompt:(i + 1) * per_prompt]]
                    for i in range(len(prompts))]
-        splits = draw_splits(split_limits(lengths, params.max_new_tokens, cfg))
+        limits = fixed or [t for per_pair in split_limits(lengths, params.max_new_tokens, cfg.split_quantile)
+                           for t in per_pair]
+        splits = draw_splits(limits)
         live = [i for i, (a, t) in enumerate(zip(sisters_a, splits, strict=True)) if t < len(a.token_ids)]
         continuations = backend.generate(
             [Request(slots[i][0].token_ids + sisters_a[i].token_ids[:splits[i]], params.max_new_tokens - splits[i],

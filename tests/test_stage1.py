@@ -169,10 +169,11 @@ def test_split_point_is_independent_of_the_sister_it_splits():
     assert stats.ks_2samp(biased_residual, residual_b).pvalue < 1e-3
 
 
-def test_split_limit_ignores_the_prompt_itself():
-    limits = split_limits([[100, 100], [10, 10], [10, 10]], 200, PairingConfig(split_quantile=1.0))
-    assert limits == [10, 100, 100]
-    assert split_limits([[5]], 50, PairingConfig(max_split_tokens=7)) == [7]
+def test_split_limit_ignores_the_pair_itself():
+    """Each pair's t_max comes from its prompt's other sister-A lengths: a prompt's own length scale, never A's."""
+    limits = split_limits([[100, 20, 60], [10, 10], [7], [3]], 200, quantile=1.0)
+    assert limits == [[60, 100, 100], [10, 10], [100], [100]]  # one pair: the other prompts' lengths
+    assert split_limits([[5]], 50, quantile=0.9) == [[50]]  # nothing else seen: the whole budget
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
