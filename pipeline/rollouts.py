@@ -48,15 +48,15 @@ def split_limits(lengths_by_prompt: Sequence[Sequence[int]], max_new_tokens: int
                  quantile: float) -> list[list[int]]:
     """t_max for each pair: a quantile of its prompt's other sister-A lengths (the other prompts' when the
     prompt has one pair), never of its own A, so t is independent of A yet fits the prompt's lengths."""
+    def limit(others: Sequence[int]) -> int:
+        return int(min(math.ceil(np.quantile(others, quantile)), max_new_tokens)) if others else max_new_tokens
+
     limits = []
     for i, lengths in enumerate(lengths_by_prompt):
-        rest = [n for j, other in enumerate(lengths_by_prompt) if j != i for n in other]
-        per_pair = []
-        for k in range(len(lengths)):
-            others = [*lengths[:k], *lengths[k + 1:]] or rest
-            q = np.quantile(others, quantile) if others else max_new_tokens
-            per_pair.append(int(min(math.ceil(q), max_new_tokens)))
-        limits.append(per_pair)
+        if len(lengths) == 1:
+            limits.append([limit([n for j, other in enumerate(lengths_by_prompt) if j != i for n in other])])
+        else:
+            limits.append([limit([*lengths[:k], *lengths[k + 1:]]) for k in range(len(lengths))])
     return limits
 
 
@@ -89,8 +89,8 @@ def sample_pairs(backend: GenerationBackend, prompts: Sequence[Prompt], params: 
         sisters_a = backend.generate(requests_a, params)
         lengths = [[len(c.token_ids) for c in sisters_a[i * per_prompt:(i + 1) * per_prompt]]
                    for i in range(len(prompts))]
-        limits = fixed or [t for per_pair in split_limits(lengths, params.max_new_tokens, cfg.split_quantile)
-                           for t in per_pair]
+        limits = fixed if fixed is not None else [
+            t for per_pair in split_limits(lengths, params.max_new_tokens, cfg.split_quantile) for t in per_pair]
         splits = draw_splits(limits)
         live = [i for i, (a, t) in enumerate(zip(sisters_a, splits, strict=True)) if t < len(a.token_ids)]
         continuations = backend.generate(

@@ -176,6 +176,14 @@ def test_split_limit_ignores_the_pair_itself():
     assert split_limits([[5]], 50, quantile=0.9) == [[50]]  # nothing else seen: the whole budget
 
 
+def test_fixed_split_limit_caps_every_split():
+    """--max_split_tokens replaces the quantile rule: every t lies in 0..min(max_split_tokens, max_new_tokens)."""
+    records = sample_pairs(GeometricBackend(), _stub_prompts(40), SamplingParams(max_new_tokens=50),
+                           PairingConfig(group_size=8, max_split_tokens=7), seed=0, rng=np.random.default_rng(0))
+    splits = [r["split_token_idx"] for r in records]
+    assert max(splits) == 7 and min(splits) == 0
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     args = ["--model_name", str(tiny_model_dir), "--task_name", "arithmetic", "--group_size", "2",
             "--num_prompts", "24", "--prompts_per_chunk", "1", "--max_new_tokens", "24", "--seed", "5"]
