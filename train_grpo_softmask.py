@@ -179,7 +179,7 @@ DEFAULT = field_defaults(GRPOArgs)
 @option("online_min_heldout_prompts", type=int_at_least(2), default=DEFAULT["online_min_heldout_prompts"],
         help="online: held-out prompts the buffer needs before the head is judged (until then: uniform f).")
 @option("online_likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default=DEFAULT["online_likelihood"],
-        help="online: the pair loss, as stage 2's --likelihood (auto: bernoulli for 0/1 rewards, else gaussian).")
+        help="online: the pair loss, as stage 2's --likelihood (auto: bernoulli on 0/1 prompts, else gaussian).")
 @option("accelerator", type=ACCELERATOR, default=DEFAULT["accelerator"],
         help="Fabric accelerator: auto (CUDA when there), cpu, cuda; the reference, importance and reward models follow.")
 @option("vllm_importance_sampling_correction", type=bool, default=DEFAULT["vllm_importance_sampling_correction"],

@@ -44,7 +44,7 @@ DEFAULT = field_defaults(ImportanceArgs)
         help="m_q, v_q pooled over every completion of the prompt in the dump, or from the pair's own group "
              "(biased for small groups: docs/importance.md).")
 @option("likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default=DEFAULT["likelihood"],
-        help="Pair loss: auto = bernoulli for a 0/1 reward column, else gaussian (docs/importance.md).")
+        help="Pair loss: auto = bernoulli on pairs of 0/1 prompts, gaussian on the others (docs/importance.md).")
 @option("f_form", type=click.Choice(FORMS), default=DEFAULT["f_form"],
         help="monotone: f = 1 - prod(1 - hazard) never falls; direct: f = sigmoid(head) at each position.")
 @option("f_end", type=click.Choice(F_ENDS), default=DEFAULT["f_end"],
@@ -66,6 +66,8 @@ DEFAULT = field_defaults(ImportanceArgs)
 @option("per_device_train_batch_size", deprecated=("batch_size",), type=POSITIVE_INT,
         default=DEFAULT["per_device_train_batch_size"], help="Pairs per batch, on each device.")
 @option("lr", type=NON_NEGATIVE_FLOAT, default=DEFAULT["lr"], help="Learning rate of the head.")
+@option("max_grad_norm", type=NON_NEGATIVE_FLOAT, default=DEFAULT["max_grad_norm"],
+        help="Clip the gradient's global norm to this (a Gaussian pair near f = 1 can give a huge one); 0 = no clipping.")
 @option("weight_decay", type=NON_NEGATIVE_FLOAT, default=DEFAULT["weight_decay"],
         help="AdamW weight decay of the head's (and trained body's) weights.")
 @option("backbone_lr", type=NON_NEGATIVE_FLOAT, default=DEFAULT["backbone_lr"],

@@ -29,6 +29,7 @@ import yaml
 
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
+    "token_head": {"features": "state+position", "lr": 1e-2},  # the default before the context head
     "direct": {"f_form": "direct"},
     "state_only": {"features": "state"},
     "direct_state_only": {"f_form": "direct", "features": "state"},
@@ -180,11 +181,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.train_max_split is not None:
             jobs = [(limit_training_splits(dump, out_dir / f"s{seed}", args.train_max_split, seed), b, t, seed)
                     for dump, b, t, seed in jobs]
-    caches: dict[str, FeatureCache] = {}  # per dump: pair keys are the same for every reward column and split
+    caches: dict[str, FeatureCache] = {}  # per dump and kind of row: pair keys are the same for every reward column and split
     for (dump, backbone, truth, seed), reward_key, name in itertools.product(
             jobs, args.reward_keys.split(","), args.recipes.split(",")):
         recipe = recipe_options(name)
-        cache = caches.setdefault(str(dump), FeatureCache("all"))
+        keep = "context" if recipe.get("features", ImportanceArgs.features) == "context" else "all"
+        cache = caches.setdefault(f"{dump}:{keep}", FeatureCache(keep))
         t0 = time.time()
         result = run(ImportanceArgs(str(dump), backbone=backbone, reward_key=reward_key, seed=seed,
                                     out_dir=str(out_dir), run_name=f"{Path(dump).parent.name}-{reward_key}-{name}-s{seed}",

@@ -33,7 +33,7 @@ def test_pair_nll_on_raw_rewards_differs_by_the_jacobian():
     """-log p(R1, R2 | m, v, f) = pair_nll(f, z1, z2) + log v: the section-1 model in reward units."""
     rng = np.random.default_rng(1)
     m, v = rng.normal(size=50), rng.uniform(0.01, 5, size=50)
-    f = rng.uniform(0, 0.999, size=50)
+    f = rng.uniform(0, F_MAX, size=50)
     r = m[:, None] + np.sqrt(v)[:, None] * rng.normal(size=(50, 2))
     z = (r - m[:, None]) / np.sqrt(v)[:, None]
     got = pair_nll(torch.tensor(f), torch.tensor(z[:, 0]), torch.tensor(z[:, 1])).numpy() + np.log(v)
@@ -104,16 +104,34 @@ def test_bernoulli_constant_recovers_the_simulated_correlation():
 def test_likelihood_choice():
     assert is_binary(np.array([0.0, 1.0, np.nan]), np.array([1.0]))
     assert not is_binary(np.array([0.0, 0.5]))
-    assert resolve_likelihood("auto", True, "reward") == "bernoulli"
-    assert resolve_likelihood("auto", False, "reward") == "gaussian"
-    assert resolve_likelihood("moment", True, "reward") == "moment"
+    assert resolve_likelihood("auto", [True, True], "reward") == "bernoulli"
+    assert resolve_likelihood("auto", [False, False], "reward") == "gaussian"
+    assert resolve_likelihood("auto", [True, False], "reward") == "bernoulli+gaussian"
+    assert resolve_likelihood("moment", [True], "reward") == "moment"
     with pytest.raises(UserError, match="--likelihood bernoulli needs a 0/1 reward column, but 'reward_x'"):
-        resolve_likelihood("bernoulli", False, "reward_x")
+        resolve_likelihood("bernoulli", [True, False], "reward_x")
+
+
+def test_bernoulli_or_gaussian_scores_each_pair_by_its_prompts_rewards():
+    """Pairs of 0/1 prompts get the Bernoulli's loss, the others the Gaussian's, gradients included; a graded
+    pair whose p is outside (0, 1) (a NaN under the Bernoulli) leaves no NaN anywhere."""
+    targets = {"z1": torch.tensor([1.0, -1.0, 0.3, 0.7]), "z2": torch.tensor([1.0, 1.0, -0.2, 0.7]),
+               "r1": torch.tensor([1.0, 0.0, 2.5, 1.9]), "r2": torch.tensor([1.0, 1.0, -1.0, 1.9]),
+               "p": torch.tensor([0.5, 0.25, 1.5, 1.5]), "binary": torch.tensor([1.0, 1.0, 0.0, 0.0])}
+    f = torch.tensor([0.3, 0.6, 0.2, 0.9], requires_grad=True)
+    loss = LIKELIHOODS["bernoulli+gaussian"](f, targets)
+    loss.sum().backward()
+    rows = {k: v[:2] for k, v in targets.items()}
+    assert torch.allclose(loss[:2], LIKELIHOODS["bernoulli"](f[:2], rows))
+    assert torch.allclose(loss[2:], LIKELIHOODS["gaussian"](f[2:], {k: v[2:] for k, v in targets.items()}))
+    assert torch.isfinite(f.grad).all()
+    assert 0 < best_constant_f("bernoulli+gaussian", targets) < F_MAX  # a scalar f is spread over the pairs
 
 
 def _batch(f, z1, z2, split, prompt_index, relative) -> dict[str, torch.Tensor]:
     z1, z2 = torch.tensor(z1), torch.tensor(z2)
-    return {"z1": z1, "z2": z2, "r1": z1, "r2": z2, "p": torch.full_like(z1, 0.5), "split": torch.tensor(split),
+    return {"z1": z1, "z2": z2, "r1": z1, "r2": z2, "p": torch.full_like(z1, 0.5),
+            "binary": torch.zeros_like(z1), "split": torch.tensor(split),
             "prompt_index": torch.tensor(prompt_index), "relative": torch.tensor(relative)}
 
 

@@ -156,23 +156,27 @@ def test_never_worse_than_the_constant(model_dir, tmp_path):
            "--max_epochs", "2", "--weight_decay", "0")
     run_dir = tmp_path / "synthetic" / "tiny" / "importance_net" / "w"
     meta = json.loads((run_dir / "metadata.json").read_text())
-    assert meta["chosen"] == "constant" and meta["final"]["gain"] == 0.0
+    # the start is the constant too, equal to float rounding: either may be kept
+    assert meta["chosen"] in ("constant", "initial") and meta["final"]["gain"] == pytest.approx(0.0, abs=1e-6)
     f = load(run_dir / "export").score([1, 90], [60, 250, 61])
-    assert f.tolist() == pytest.approx([0.0, meta["baseline_f"], meta["baseline_f"], 1.0])
+    assert f.tolist() == pytest.approx([0.0, meta["baseline_f"], meta["baseline_f"], 1.0], abs=1e-6)
 
 
 def test_runs_sharing_a_feature_cache(model_dir, tmp_path):
     """Several recipes on one dump share the frozen body's prefix states (the recipe benchmark); a
-    position-only head neither reads nor fills that cache, and a second state run computes nothing."""
+    position-only head neither reads nor fills that cache, a second state run computes nothing, and a
+    context run needs a cache of its own kind."""
     dump = write_synthetic_dump(tmp_path / "synthetic" / "tiny" / "rollouts_c.parquet", load_tokenizer(model_dir),
                                 model_dir, n_prompts=16, groups_per_prompt=2)
     cache = FeatureCache("all")
     common = {"rollouts": str(dump), "backbone": model_dir, "report_examples": 0, "max_epochs": 1}
-    first = run(ImportanceArgs(run_name="states", **common), feature_cache=cache)
+    first = run(ImportanceArgs(run_name="states", features="state+position", **common), feature_cache=cache)
     cached = len(cache)
     assert cached > 0
     position = run(ImportanceArgs(run_name="position", features="position", **common), feature_cache=cache)
-    again = run(ImportanceArgs(run_name="again", **common), feature_cache=cache)
+    again = run(ImportanceArgs(run_name="again", features="state+position", **common), feature_cache=cache)
+    with pytest.raises(ValueError, match="cannot serve the context form"):
+        run(ImportanceArgs(run_name="context", **common), feature_cache=cache)
     assert len(cache) == cached and position["gain"] >= 0 and again["loss"] == pytest.approx(first["loss"])
     metas = [json.loads((tmp_path / "synthetic" / "tiny" / "importance_net" / name / "metadata.json").read_text())
              for name in ("states", "position", "again")]

@@ -218,7 +218,8 @@ def test_the_head_finds_the_deciding_token_and_leaves_the_fallback():
     rng = np.random.default_rng(0)
     history = [_synthetic_step(online, step, rng, deciding, width) for step in range(1, 31)]
     weights, metrics = history[-1]
-    assert metrics["online/gain"] > 0.2 and metrics["online/gain_lo"] > 0 and metrics["online/fallback"] == 0
+    # 0.15: f stays <= F_MAX = 0.99, so a perfect f gains a little less than it did at the former 1 - 1e-4 (0.20)
+    assert metrics["online/gain"] > 0.15 and metrics["online/gain_lo"] > 0 and metrics["online/fallback"] == 0
     f = online.head.curve(torch.eye(width + 1).unsqueeze(0), torch.tensor([width]))[0]
     assert f[1:deciding + 1].max() < 0.2 and f[deciding + 1:].min() > 0.8
     assert int(weights[0].argmax()) == deciding and weights[0, deciding] > 0.6 * width  # most of the credit

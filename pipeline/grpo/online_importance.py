@@ -20,7 +20,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,15 +35,23 @@ from pipeline.grpo.paired_rollout import Pairing
 from pipeline.grpo.softmask import soft_mask_weights, weight_stats
 from pipeline.importance.data import TARGETS, VAR_EPS
 from pipeline.importance.forms import curve, f_along
-from pipeline.importance.loss import LIKELIHOODS, best_constant_f, is_binary, resolve_likelihood
+from pipeline.importance.loss import LIKELIHOODS, best_constant_f, resolve_likelihood
 from pipeline.importance.metrics import ValidationStats
-from pipeline.importance.model import NetConfig, head_inputs, head_logits, make_head, start_head
+from pipeline.importance.model import (
+    TOKEN_FEATURES,
+    NetConfig,
+    head_inputs,
+    head_logits,
+    make_head,
+    start_head,
+)
 from pipeline.importance.train import starting_point
 
 if TYPE_CHECKING:
     from pipeline.grpo.config import GRPOArgs
 
 log = logging.getLogger(__name__)
+ONLINE_FEATURES = "state+position"  # the online head reads the policy's state of one completion token at a time
 HELDOUT_STREAM = 0x4E1D  # the held-out prompts' random stream, apart from every sampling seed
 SPLIT_QUANTILE = 0.9  # t_max: this quantile of the buffer's sister-A lengths (stage 1's default rule)
 META = {"prompt_id": torch.long, "r1": torch.float64, "r2": torch.float64, "split": torch.long,
@@ -60,7 +68,7 @@ class OnlineOptions:
     state_l2: float = 0.1  # ridge on the head's weights on the hidden state: content must earn its place over position
     heldout_fraction: float = 0.2  # share of prompts whose pairs only judge the head
     min_heldout_prompts: int = 4  # fewer held-out prompts give no usable bootstrap CI: the head is not judged yet
-    likelihood: str = "auto"  # stage 2's rule: bernoulli for 0/1 rewards, else gaussian; or one of LIKELIHOODS
+    likelihood: str = "auto"  # stage 2's rule: bernoulli on 0/1 prompts, gaussian on the others; or one of LIKELIHOODS
     seed: int = 0
 
 
@@ -109,9 +117,12 @@ def pooled_targets(meta: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
     square = torch.where(finite, (values - mean[owner]).square(), 0.0)
     var = torch.zeros_like(count).index_add_(0, owner, square) / (count - 1).clamp(min=1)
     m, v = mean[inverse], torch.where(count[inverse] > 1, var[inverse], 0.0)
+    graded = torch.zeros_like(count).index_add_(0, owner, (finite & (rewards != 0) & (rewards != 1)).double())
     informative = ~meta["degenerate"] & r1.isfinite() & r2.isfinite() & (v > VAR_EPS)
     std = v.clamp(min=VAR_EPS).sqrt()
-    return {"z1": (r1 - m) / std, "z2": (r2 - m) / std, "r1": r1, "r2": r2, "p": m}, informative
+    targets = {"z1": (r1 - m) / std, "z2": (r2 - m) / std, "r1": r1, "r2": r2, "p": m,
+               "binary": (graded[inverse] == 0).double()}
+    return targets, informative
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -167,6 +178,11 @@ def warm_start(export: str | Path, hidden_size: int, fingerprint: dict[str, Any]
         raise UserError(f"importance net '{path}' was trained with another tokenizer than the policy: "
                         "train it on a dump of this model, or drop --importance_net to start from a constant")
     config = NetConfig(**info["net"])
+    if config.features not in TOKEN_FEATURES:
+        log.warning("warning: importance net '%s' has a %s head, which the online head (one token's state at a "
+                    "time) cannot run: the online head starts from the constant, with its form and end", path,
+                    config.features)
+        return replace(config, features=ONLINE_FEATURES, constant=None), None
     weights = {name.removeprefix("head."): tensor for name, tensor in load_file(path / WEIGHTS_FILE).items()
                if name.startswith("head.")}
     expected = make_head(hidden_size, config).state_dict()
@@ -188,7 +204,7 @@ class OnlineImportance:
     def __init__(self, hidden_size: int, options: OnlineOptions, device: torch.device | str,
                  config: NetConfig | None = None, head_weights: dict[str, Tensor] | None = None) -> None:
         self.options, self.hidden_size = options, hidden_size
-        self.head = OnlineHead(hidden_size, config or NetConfig(backbone="policy", head_hidden=0)).to(device)
+        self.head = OnlineHead(hidden_size, config or NetConfig(backbone="policy", head_hidden=0, features=ONLINE_FEATURES)).to(device)
         if head_weights is not None:
             self.head.head.load_state_dict(head_weights)
         else:
@@ -285,9 +301,9 @@ class OnlineImportance:
     def _split(self) -> tuple[Tensor, Tensor, str]:
         """Training and held-out pairs (the informative ones, by prompt) and the likelihood for these rewards."""
         meta = self.buffer.meta
-        _, informative = pooled_targets(meta)
+        targets, informative = pooled_targets(meta)
         held = heldout_prompts(meta["prompt_id"], self.options.seed, self.options.heldout_fraction)
-        binary = is_binary(meta["r1"].numpy(), meta["r2"].numpy())
+        binary = targets["binary"].numpy() > 0.5
         return informative & ~held, informative & held, resolve_likelihood(self.options.likelihood, binary, "reward")
 
     def _batch(self, which: Tensor) -> dict[str, Tensor]:

@@ -16,10 +16,10 @@ class ImportanceArgs:
     backbone: str | None = None  # None: the dump's model_name
     reward_key: str = "reward"
     group_stats: str = "prompt"
-    likelihood: str = "auto"  # auto: bernoulli for a 0/1 reward column, else gaussian
+    likelihood: str = "auto"  # auto: bernoulli on pairs of 0/1 prompts, gaussian on the others
     f_form: str = "monotone"
     f_end: str = "pinned"
-    features: str = "state+position"
+    features: str = "context"  # context: an attention block over prompt + completion (docs/credit.md)
     backbone_mode: str = "frozen"
     last_k: int = 1
     lora_r: int = 8
@@ -29,7 +29,8 @@ class ImportanceArgs:
     max_epochs: int = 20
     patience: int = 5  # 0: no early stopping
     per_device_train_batch_size: int = 32  # pairs per batch on each device (formerly batch_size)
-    lr: float = 1e-2
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0  # clip the gradient's global norm to this, as TRL's max_grad_norm; 0: no clipping
     weight_decay: float = 0.01
     backbone_lr: float = 1e-4
     precision: str = "32-true"

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.dump import dump_files, read_dump
 from pipeline.errors import UserError
+from pipeline.importance.loss import is_binary
 from pipeline.importance.sampling import ShardSampler
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Pairs:
     r1: np.ndarray
     r2: np.ndarray
     mean: np.ndarray  # m_q: for a 0/1 reward, the success rate p of the Bernoulli likelihood
+    binary: np.ndarray  # 1.0 where every reward of the pair's prompt is 0 or 1 (the Bernoulli describes it), else 0.0
     z1: np.ndarray
     z2: np.ndarray
 
@@ -70,8 +72,8 @@ class Pairs:
         return Pairs(**values)
 
     def targets(self) -> dict[str, np.ndarray]:
-        """What the likelihoods read (``TARGETS``): the sisters' z and raw rewards, and p = m_q."""
-        return {"z1": self.z1, "z2": self.z2, "r1": self.r1, "r2": self.r2, "p": self.mean}
+        """What the likelihoods read (``TARGETS``): the sisters' z and raw rewards, p = m_q, whether the prompt is 0/1."""
+        return {"z1": self.z1, "z2": self.z2, "r1": self.r1, "r2": self.r2, "p": self.mean, "binary": self.binary}
 
     def relative_position(self) -> np.ndarray:
         """t / len(completion A), in [0, 1): where in the completion the split falls."""
@@ -115,6 +117,7 @@ def load_pairs(path: str | Path, reward_key: str = "reward",
     else:
         by_prompt = rows.groupby("prompt_id")[column]
         rows["m"], rows["v"] = by_prompt.transform("mean"), by_prompt.transform("var")
+    rows["binary"] = rows.groupby("prompt_id")[column].transform(is_binary).astype(np.float64)
 
     a, b, counts = _informative_pairs(rows, column)
     if a.empty:
@@ -135,7 +138,7 @@ def load_pairs(path: str | Path, reward_key: str = "reward",
     pair_key = group_id.astype(np.int64) * 2**16 + a.index.get_level_values("pair_id").to_numpy().astype(np.int64)
     pairs = Pairs(index=pair_key, prompt_id=a["prompt_id"].to_numpy(), group_id=group_id, split=split,
                   prompt=prompt, completion=completion, r1=a[column].to_numpy(), r2=b[column].to_numpy(), mean=m,
-                  z1=(a[column].to_numpy() - m) / std, z2=(b[column].to_numpy() - m) / std)
+                  binary=a["binary"].to_numpy(), z1=(a[column].to_numpy() - m) / std, z2=(b[column].to_numpy() - m) / std)
     return pairs, counts, column
 
 
@@ -206,7 +209,7 @@ class PairDataset(Dataset):
                 "relative": self.relative[i], "index": p.index[i], "prompt_index": self.prompt_index[i]}
 
 
-TARGETS = ("z1", "z2", "r1", "r2", "p")  # what the likelihoods read
+TARGETS = ("z1", "z2", "r1", "r2", "p", "binary")  # what the likelihoods read
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ end is pinned (the whole text decides a reward that is a function of it), and in
 two forms (docs/design.md, "The shape of f"):
 
 - ``direct``: f(u) = F_MAX * sigmoid(a(u)), any shape;
-- ``monotone``: f(u) = 1 - prod_{v <= u} (1 - g(v)) with the hazard g(v) = sigmoid(a(v)): the share
+- ``monotone``: f(u) = F_MAX (1 - prod_{v <= u} (1 - g(v))) with the hazard g(v) = sigmoid(a(v)): the share
   of the still-open variance that token v - 1 decides. f never falls, and a deciding token raises f
   right after it wherever it stands.
 
@@ -46,7 +46,7 @@ def f_along(form: str, logits: Tensor) -> Tensor:
     """f(1..U) from a(1..U) (B, U); rows are right-padded, and padding only follows the real positions."""
     if form == "direct":
         return F_MAX * torch.sigmoid(logits)
-    return (-torch.expm1(-F.softplus(logits).cumsum(-1))).clamp(max=F_MAX)
+    return F_MAX * -torch.expm1(-F.softplus(logits).cumsum(-1))  # scaled, not clamped: a clamp has no gradient
 
 
 def curve(inner: Tensor, lengths: Tensor, pin_end: bool) -> Tensor:
@@ -71,4 +71,4 @@ def initial_bias(form: str, value: float) -> float:
 
 def constant_hazard_curve(rate: float, t: Tensor) -> Tensor:
     """f(t) = 1 - exp(-rate t): the monotone form with every hazard equal (its starting point)."""
-    return (-torch.expm1(-rate * t.double())).clamp(max=F_MAX)
+    return F_MAX * -torch.expm1(-rate * t.double())

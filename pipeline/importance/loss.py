@@ -8,6 +8,8 @@ small function each (``LIKELIHOODS``), all per pair and elementwise:
 - ``bernoulli``: -log P(R1, R2) for 0/1 rewards with success rate p = m_q: P(1,1) = p^2 + f p(1-p),
   P(0,0) = (1-p)^2 + f p(1-p), P(1,0) = P(0,1) = (1-f) p(1-p). Exact for binary rewards, in nats.
 - ``moment``: (z1 z2 - f)^2, least squares on the moment E[z1 z2] = f (units: squared z1*z2).
+- ``bernoulli+gaussian``: each pair by the exact likelihood of its prompt's rewards: bernoulli where they
+  are all 0/1, gaussian elsewhere (a task whose levels mix 0/1 and graded rewards), in nats.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from torch import Tensor
 
 from pipeline.errors import UserError
 
-F_MAX = 1.0 - 1e-4  # f = 1 makes the Gaussian density singular and P(1,0) zero: predictions stay below
+# Predictions stay at most F_MAX: f = 1 makes the Gaussian density singular and P(1,0) zero. Not closer to 1:
+# a pair at f = 1 - e whose sisters differ by dz costs dz^2 / (4e) nats, so at e = 1e-4 one pair outweighed
+# thousands and training diverged on the credit task (docs/credit.md); a true f above F_MAX reads <= 0.01 low.
+F_MAX = 0.99
 LOG_2PI = math.log(2 * math.pi)
 
-# (f, targets) -> per-pair loss; targets hold tensors z1, z2 (standardised) and r1, r2, p (raw rewards, mean)
+# (f, targets) -> per-pair loss; targets hold tensors z1, z2 (standardised), r1, r2, p (raw rewards, mean) and
+# binary (1 where every reward of the pair's prompt is 0 or 1)
 PairLoss = Callable[[Tensor, dict[str, Tensor]], Tensor]
 LIKELIHOODS: dict[str, PairLoss] = {}
-UNITS = {"gaussian": "nats/pair", "bernoulli": "nats/pair", "moment": "squared error/pair"}
+UNITS = {"gaussian": "nats/pair", "bernoulli": "nats/pair", "moment": "squared error/pair",
+         "bernoulli+gaussian": "nats/pair"}
 
 
 def register_likelihood(name: str) -> Callable[[PairLoss], PairLoss]:
@@ -67,6 +74,17 @@ def bernoulli(f: Tensor, targets: dict[str, Tensor]) -> Tensor:
     return -torch.log(prob)
 
 
+@register_likelihood("bernoulli+gaussian")
+def bernoulli_or_gaussian(f: Tensor, targets: dict[str, Tensor]) -> Tensor:
+    """Bernoulli on the pairs of 0/1 prompts, Gaussian on the others. The Gaussian density of two exactly tied
+    rewards grows without bound as f -> 1, so on 0/1 rewards it pulls f to its cap; the Bernoulli is exact."""
+    f, binary = f.expand_as(targets["z1"]), targets["binary"] > 0.5
+    loss = gaussian(f, targets)
+    if binary.any():  # indexed, not torch.where: bernoulli on graded rewards may be NaN, and NaN leaks through where
+        loss = loss.index_put((binary,), bernoulli(f[binary], {k: targets[k][binary] for k in ("p", "r1", "r2")}))
+    return loss
+
+
 @register_likelihood("moment")
 def moment(f: Tensor, targets: dict[str, Tensor]) -> Tensor:
     return (targets["z1"] * targets["z2"] - f).square()
@@ -78,13 +96,15 @@ def is_binary(*rewards: np.ndarray) -> bool:
     return bool(np.isin(values[np.isfinite(values)], (0.0, 1.0)).all())
 
 
-def resolve_likelihood(name: str, binary: bool, column: str) -> str:
-    """``auto``: bernoulli for a 0/1 reward column, else gaussian; an explicit choice is checked."""
+def resolve_likelihood(name: str, binary: np.ndarray, column: str) -> str:
+    """``auto``: the exact likelihood of each pair's rewards (``binary``: per pair, whether its prompt's rewards are
+    all 0/1): bernoulli, gaussian, or bernoulli+gaussian where both kinds occur; an explicit choice is checked."""
+    binary = np.asarray(binary, dtype=bool)
     if name == "auto":
-        return "bernoulli" if binary else "gaussian"
+        return "bernoulli" if binary.all() else "bernoulli+gaussian" if binary.any() else "gaussian"
     if name not in LIKELIHOODS:
         raise UserError(f"--likelihood must be auto or one of {', '.join(LIKELIHOODS)}, got '{name}'")
-    if name == "bernoulli" and not binary:
+    if name == "bernoulli" and not binary.all():
         raise UserError(f"--likelihood bernoulli needs a 0/1 reward column, but '{column}' has other values: "
                         f"use --likelihood gaussian or moment")
     return name

@@ -3,7 +3,9 @@
 Only the decoder body runs: f is read from hidden states, so the LM's vocabulary logits (the
 costliest layer of a small model) are never computed. The head sees each completion token's
 hidden state (layer-normalised) and a basis of its position in the completion
-(``forms.position_features``), or either alone (``FEATURES``); ``forms`` turns its outputs into f(0..L).
+(``forms.position_features``), or either alone, or (``context``, the default) the states of every token of
+prompt + completion mixed by an attention block of its own (``context_head``); ``forms`` turns its outputs
+into f(0..L).
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from torch import Tensor, nn
 
 from pipeline.errors import UserError
 from pipeline.importance.config import ImportanceArgs
+from pipeline.importance.context_head import ContextHead
 from pipeline.importance.forms import FORMS, KNOTS, curve, f_along, initial_bias, position_features
 from pipeline.importance.loss import LIKELIHOODS
 from pipeline.importance.metrics import ValidationStats
-from pipeline.importance.states import TokenIds, completion_states
+from pipeline.importance.states import TokenIds, completion_states, context_features
 from pipeline.models import load_causal_lm
 
 BACKBONE_MODES = ("frozen", "last_k", "lora")
-FEATURES = ("state+position", "state", "position")  # what the head sees at each completion position
+FEATURES = ("context", "state+position", "state", "position")  # what the head sees at each completion position
+TOKEN_FEATURES = FEATURES[1:]  # the heads that read one completion token at a time (stage 3's online head too)
 STATE_LEVERAGE = 4.0  # the state block moves a(u) this many times faster than the position basis (measured)
 
 
@@ -60,7 +64,9 @@ def _layers(body: nn.Module) -> nn.ModuleList:
 
 
 def make_head(hidden_size: int, config: NetConfig) -> nn.Module:
-    """The head on ``head_inputs``: linear, or one hidden layer of ``config.head_hidden``."""
+    """The head on ``head_inputs``: linear, or one hidden layer of ``config.head_hidden``; or the context head."""
+    if config.features == "context":
+        return ContextHead(2 * hidden_size, config.head_hidden)
     width = (hidden_size if "state" in config.features else 0) + (len(KNOTS) if "position" in config.features else 0)
     if config.head_hidden <= 0:
         return nn.Linear(width, 1)
@@ -69,7 +75,8 @@ def make_head(hidden_size: int, config: NetConfig) -> nn.Module:
 
 def start_head(head: nn.Module, form: str, value: float) -> None:
     """Zero the last layer's weights and set its bias so that the form starts at the constant ``value``."""
-    last = head if isinstance(head, nn.Linear) else head[-1]
+    last = head.out if isinstance(head, ContextHead) else head
+    last = last if isinstance(last, nn.Linear) else last[-1]
     with torch.no_grad():
         last.weight.zero_()
         last.bias.fill_(initial_bias(form, value))
@@ -122,7 +129,8 @@ class ImportanceNet(nn.Module):
         elif config.backbone_mode == "lora":
             lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear")
             inject_adapter_in_model(lora, self.body)
-        self.uses_states = "state" in config.features
+        self.reads_context = config.features == "context"
+        self.uses_states = self.reads_context or "state" in config.features
         self.head = make_head(self.body.config.hidden_size, config)
 
     def train(self, mode: bool = True) -> ImportanceNet:
@@ -158,12 +166,25 @@ class ImportanceNet(nn.Module):
             return torch.full(u.shape, self.config.constant, device=u.device)
         return f_along(self.config.form, self.logits(states, u).float())
 
+    def context_f(self, features: Tensor, lengths: Tensor, prompt_lengths: Tensor, width: int) -> Tensor:
+        """f(1..width) (R, width) of the context head from ``states.context_features``, before the ends are pinned."""
+        if self.config.constant is not None:
+            return torch.full((len(lengths), width), self.config.constant, device=features.device)
+        with torch.autocast(features.device.type, enabled=False):
+            logits = self.head(features.to(next(self.head.parameters()).dtype), lengths, prompt_lengths, width)
+        return f_along(self.config.form, logits.float())
+
     def curve(self, prompts: Sequence[TokenIds], completions: Sequence[TokenIds]) -> Tensor:
         """(R, W + 1): f(0..W) of each completion, pinned ends, f(len) repeated past its end."""
-        states = self.states(prompts, completions)
-        u = torch.arange(1, states.shape[1] + 1, device=states.device).expand(states.shape[:2])
-        lengths = torch.tensor([len(c) for c in completions], device=states.device)
-        return curve(self.inner_f(states, u), lengths, self.config.pin_end)
+        lengths = torch.tensor([len(c) for c in completions], device=self.device)
+        width = max((len(c) for c in completions), default=0)
+        if self.reads_context:
+            inner = self.context_f(*context_features(self.body, prompts, completions, self.device), width)
+        else:
+            states = self.states(prompts, completions)
+            u = torch.arange(1, width + 1, device=states.device).expand(states.shape[:2])
+            inner = self.inner_f(states, u)
+        return curve(inner, lengths, self.config.pin_end)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The weights training changes (head, last layers or LoRA): with the backbone they rebuild the net."""
@@ -174,7 +195,8 @@ class FeatureCache:
     """A frozen body's states of each pair's prefix, computed once per pair (by the rank that sees it).
 
     ``keep='last'`` stores the state at the split only (all the direct form reads), ``'all'`` every
-    prefix state (the monotone form, and runs that share one cache across forms).
+    prefix state (the monotone form, and runs that share one cache across forms), ``'context'`` the
+    context head's features of every token of prompt + prefix.
     """
 
     def __init__(self, keep: str) -> None:
@@ -196,32 +218,40 @@ class ImportanceModule(L.LightningModule):
         self.net.init_head(init_value)
         self.loss_fn = LIKELIHOODS[likelihood]
         self.strict_loading = False  # checkpoints hold only the trainable weights, the backbone is reloaded
-        needed = "all" if self.net.config.form == "monotone" else "last"
-        if feature_cache is not None and feature_cache.keep != "all" and feature_cache.keep != needed:
+        needed = "context" if self.net.reads_context else "all" if self.net.config.form == "monotone" else "last"
+        if feature_cache is not None and feature_cache.keep not in (needed, "all" if needed == "last" else needed):
             raise ValueError(f"a feature cache keeping '{feature_cache.keep}' rows cannot serve the {needed} form")
         self.features = feature_cache if feature_cache is not None else FeatureCache(needed)
         self.features_computed = 0
         self._stats: ValidationStats | None = None
         self.val_summary: dict[str, Any] = {}
 
+    def _rows(self, prompts: list[TokenIds], prefixes: list[TokenIds]) -> list[Tensor]:
+        """Per pair, what the head reads: its prefix states (t, H), or the context head's features of prompt +
+        prefix (P + t, 2H)."""
+        if self.net.reads_context:
+            features, lengths, _ = context_features(self.net.body, prompts, prefixes, self.device)
+            return [features[i, :n] for i, n in enumerate(lengths.tolist())]
+        states = self.net.states(prompts, prefixes)
+        return [states[i, : len(p)] for i, p in enumerate(prefixes)]
+
     def _prefix_states(self, batch: dict[str, Any]) -> list[Tensor]:
-        """Per pair, its prefix states (t, H) (or (1, H), the last, for the direct form); frozen ones cached."""
+        """Per pair, its ``_rows`` (or the last prefix state (1, H) for the direct form); frozen ones cached."""
         prompts, prefixes = batch["prompt"], batch["prefix"]
         if not self.net.uses_states:  # a position-only head: no forward, nothing to cache (or to read from a cache)
             return [torch.zeros(len(p), 0, device=self.device) for p in prefixes]
         if self.net.config.backbone_mode != "frozen":
-            states = self.net.states(prompts, prefixes)
-            return [states[i, : len(p)] for i, p in enumerate(prefixes)]
+            return self._rows(prompts, prefixes)
         keys = batch["index"].tolist()
-        missing = [i for i, k in enumerate(keys) if k not in self.features.rows and len(prefixes[i])]
+        needs_row = [self.net.reads_context or len(p) > 0 for p in prefixes]  # a context row holds the prompt too
+        missing = [i for i, k in enumerate(keys) if k not in self.features.rows and needs_row[i]]
         if missing:
             with torch.no_grad():
-                states = self.net.states([prompts[i] for i in missing], [prefixes[i] for i in missing])
-            for row, i in enumerate(missing):
-                t = len(prefixes[i])
-                self.features.rows[keys[i]] = states[row, :t] if self.features.keep == "all" else states[row, t - 1:t]
+                rows = self._rows([prompts[i] for i in missing], [prefixes[i] for i in missing])
+            for row, i in zip(rows, missing, strict=True):
+                self.features.rows[keys[i]] = row[-1:] if self.features.keep == "last" else row
             self.features_computed += len(missing)
-        return [self.features.rows[k] if len(p) else self._empty() for k, p in zip(keys, prefixes, strict=True)]
+        return [self.features.rows[k] if needed else self._empty() for k, needed in zip(keys, needs_row, strict=True)]
 
     def _empty(self) -> Tensor:
         return torch.zeros(0, self.net.body.config.hidden_size, device=self.device)
@@ -229,6 +259,8 @@ class ImportanceModule(L.LightningModule):
     def pair_f(self, batch: dict[str, Any]) -> Tensor:
         """f(t) of each pair at its split t (0 where t = 0: the pinned start)."""
         split = batch["split"]
+        if self.net.reads_context:
+            return self._context_pair_f(batch)
         rows = [s[-1:] if self.net.config.form == "direct" else s for s in self._prefix_states(batch)]
         n = torch.tensor([len(r) for r in rows], device=split.device)
         width = max(int(n.max()), 1)
@@ -237,6 +269,15 @@ class ImportanceModule(L.LightningModule):
         u = (split.unsqueeze(1) if self.net.config.form == "direct" else steps + 1).expand(len(rows), width)
         f = self.net.inner_f(states, u)
         at_split = f.gather(1, (n - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        return torch.where(split > 0, at_split, torch.zeros_like(at_split))
+
+    def _context_pair_f(self, batch: dict[str, Any]) -> Tensor:
+        rows, split = self._prefix_states(batch), batch["split"]
+        lengths = torch.tensor([len(r) for r in rows], device=split.device)
+        features = torch.stack([F.pad(r, (0, 0, 0, int(lengths.max()) - len(r))) for r in rows])
+        prompt_lengths = torch.tensor([len(p) for p in batch["prompt"]], device=split.device)
+        f = self.net.context_f(features, lengths, prompt_lengths, max(int(split.max()), 1))
+        at_split = f.gather(1, (split - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         return torch.where(split > 0, at_split, torch.zeros_like(at_split))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.importance.context_head import token_features
+
 TokenIds = Sequence[int] | np.ndarray
 
 
@@ -52,3 +54,17 @@ def completion_states(body: nn.Module, prompts: Sequence[TokenIds], completions:
     out = body(input_ids=comp_ids.to(device), attention_mask=mask, position_ids=positions,
                past_key_values=cache, use_cache=True).last_hidden_state
     return out * comp_mask.to(device).unsqueeze(-1).to(out.dtype)
+
+
+def context_features(body: nn.Module, prompts: Sequence[TokenIds], completions: Sequence[TokenIds],
+                     device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+    """``context_head.token_features`` (R, T, 2H) of every token of prompt + completion (right-padded, zero past
+    each row's end), the rows' lengths and their prompts' lengths: what the context head reads. One plain
+    forward: the head attends over the prompt's tokens too, so their states are needed, not only its cache."""
+    ids, mask = pad_right([np.concatenate([np.asarray(p), np.asarray(c)]).astype(np.int64)
+                           for p, c in zip(prompts, completions, strict=True)])
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    features = token_features(hidden, body.get_input_embeddings()(ids).to(hidden.dtype))
+    prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
+    return features * mask.unsqueeze(-1).to(features.dtype), mask.sum(1), prompt_lengths

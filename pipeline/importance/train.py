@@ -42,7 +42,6 @@ from pipeline.importance.forms import constant_hazard_curve
 from pipeline.importance.loss import (
     LIKELIHOODS,
     best_constant_f,
-    is_binary,
     minimise_scalar,
     resolve_likelihood,
 )
@@ -263,8 +262,7 @@ def run(args: ImportanceArgs, feature_cache: FeatureCache | None = None) -> dict
     if dm.max_token_id() >= len(tokenizer):
         raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
                         f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
-    resolved = resolve_likelihood(args.likelihood, is_binary(dm.train.r1, dm.train.r2, dm.val.r1, dm.val.r2),
-                                  dm.reward_column)
+    resolved = resolve_likelihood(args.likelihood, np.concatenate([dm.train.binary, dm.val.binary]), dm.reward_column)
 
     baseline_f, init_value = starting_point(args.f_form, resolved, dm.train.split, dm.train.targets())
     net_config = NetConfig(backbone=recorded["backbone"], backbone_mode=args.backbone_mode, last_k=args.last_k,
@@ -285,7 +283,7 @@ def run(args: ImportanceArgs, feature_cache: FeatureCache | None = None) -> dict
         write_json(run_dir / "metadata.json", metadata)
     trainer, chosen = _fit(module, dm, run_dir, resume_from, args.patience, trackers, max_epochs=args.max_epochs,
                            accelerator=args.accelerator, devices=lightning_devices(args.devices),
-                           precision=args.precision)
+                           precision=args.precision, gradient_clip_val=args.max_grad_norm or None)
     final = module.val_summary
     if not is_rank_zero:
         return final
