@@ -77,3 +77,19 @@ def test_a_context_run_refuses_another_kind_of_cache(net):
     with pytest.raises(ValueError, match="cannot serve"):
         ImportanceModule(net.config.to_dict(), "gaussian", 0.1, 0.3, lr=1e-3, backbone_lr=0.0, weight_decay=0.0,
                          feature_cache=FeatureCache("all"))
+
+
+def test_the_online_head_takes_a_context_exports_design_not_its_weights(net, tiny_model_dir, tmp_path, caplog):
+    """Stage 3's online head reads one token's state at a time: a context export gives it form and end only."""
+    from pipeline.dump import tokenizer_fingerprint
+    from pipeline.grpo.online_importance import ONLINE_FEATURES, warm_start
+    from pipeline.importance.export import save_export
+    from pipeline.models import load_tokenizer
+
+    fingerprint = tokenizer_fingerprint(load_tokenizer(str(tiny_model_dir)))
+    export = save_export(net, tmp_path / "export", tokenizer=fingerprint, reward_key="reward", group_stats="prompt",
+                         likelihood="gaussian", baseline_f=0.3)
+    config, weights = warm_start(export, net.body.config.hidden_size, fingerprint)
+    assert weights is None and config.features == ONLINE_FEATURES and config.constant is None
+    assert (config.form, config.pin_end) == (net.config.form, net.config.pin_end)
+    assert "cannot run" in caplog.text

@@ -219,7 +219,8 @@ class ImportanceModule(L.LightningModule):
         self.loss_fn = LIKELIHOODS[likelihood]
         self.strict_loading = False  # checkpoints hold only the trainable weights, the backbone is reloaded
         needed = "context" if self.net.reads_context else "all" if self.net.config.form == "monotone" else "last"
-        if feature_cache is not None and feature_cache.keep not in (needed, "all" if needed == "last" else needed):
+        serves = (needed, "all") if needed == "last" else (needed,)  # an 'all' cache holds the last state too
+        if feature_cache is not None and feature_cache.keep not in serves:
             raise ValueError(f"a feature cache keeping '{feature_cache.keep}' rows cannot serve the {needed} form")
         self.features = feature_cache if feature_cache is not None else FeatureCache(needed)
         self.features_computed = 0
