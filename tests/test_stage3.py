@@ -36,7 +36,7 @@ FAST = ["--task_name", "arithmetic", "--prompts_per_step", "2", "--group_size", 
 
 def make_export(backbone: Path, path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    net = ImportanceNet(NetConfig(backbone=str(backbone), head_hidden=0))
+    net = ImportanceNet(NetConfig(backbone=str(backbone), head_hidden=0, features="state+position"))  # a random linear head
     torch.nn.init.normal_(net.head.weight, std=1.0)
     return save_export(net, path, tokenizer=tokenizer_fingerprint(load_tokenizer(str(backbone))),
                        reward_key="reward", group_stats="group", baseline_f=0.3)
