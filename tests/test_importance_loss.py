@@ -49,7 +49,7 @@ def test_pair_nll_is_finite_with_finite_gradients_at_and_beyond_f_max():
     loss = pair_nll(f, z1, z2)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(f.grad).all()
-    # exact ties at F_MAX: log-determinant term dominates and is bounded by log(2e-4) / 2
+    # exact ties at F_MAX: the log-determinant term, log(1 - F_MAX^2) / 2, bounds how far a tie pulls the loss down
     assert loss[2].item() == pytest.approx(math.log(2 * math.pi) + 0.5 * math.log1p(-F_MAX**2) + 25 / (1 + F_MAX),
                                            rel=1e-4)
     assert loss[3].item() - loss[2].item() == pytest.approx(100 / (4 * (1 - F_MAX)) - 25 / (1 + F_MAX), rel=1e-3)
