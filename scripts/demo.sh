@@ -13,7 +13,7 @@ echo "== stage 1: paired rollouts (16 prompts x 2 groups x 8 completions) =="
 $PY generate_paired_rollouts.py --model_name $MODEL --task_name $TASK --levels 0,1 --num_prompts 16 \
     --groups_per_prompt 2 --group_size 8 --max_new_tokens 48 --prompts_per_chunk 4 --out_dir "$OUT" --tag demo
 
-echo "== stage 2: importance network (frozen backbone + 64-unit head) =="
+echo "== stage 2: importance network (frozen backbone + attention head) =="
 RESUME2=$([ -f "$STAGE/importance_net/demo/checkpoints/last.ckpt" ] && echo --resume || true)
 $PY train_importance_net.py --rollouts "$STAGE/rollouts_demo" --group_stats prompt --val_fraction 0.25 --max_epochs 8 \
     --per_device_train_batch_size 32 --run_name demo $RESUME2
