@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import UserError
 from pipeline.importance.config import ImportanceArgs
-from pipeline.importance.context_head import ContextHead
+from pipeline.importance.context_head import ContextHead, scalar_head
 from pipeline.importance.forms import FORMS, KNOTS, curve, f_along, initial_bias, position_features
 from pipeline.importance.loss import LIKELIHOODS
 from pipeline.importance.metrics import ValidationStats
@@ -68,9 +68,7 @@ def make_head(hidden_size: int, config: NetConfig) -> nn.Module:
     if config.features == "context":
         return ContextHead(2 * hidden_size, config.head_hidden)
     width = (hidden_size if "state" in config.features else 0) + (len(KNOTS) if "position" in config.features else 0)
-    if config.head_hidden <= 0:
-        return nn.Linear(width, 1)
-    return nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
+    return scalar_head(width, config.head_hidden)
 
 
 def start_head(head: nn.Module, form: str, value: float) -> None:
