@@ -9,6 +9,7 @@ import click
 
 from pipeline.cli import (
     ACCELERATOR,
+    BELOW_ONE,
     DEVICES,
     FRACTION,
     NON_NEGATIVE_FLOAT,
@@ -66,6 +67,8 @@ DEFAULT = field_defaults(ImportanceArgs)
 @option("per_device_train_batch_size", deprecated=("batch_size",), type=POSITIVE_INT,
         default=DEFAULT["per_device_train_batch_size"], help="Pairs per batch, on each device.")
 @option("lr", type=NON_NEGATIVE_FLOAT, default=DEFAULT["lr"], help="Learning rate of the head.")
+@option("ema_decay", type=BELOW_ONE, default=DEFAULT["ema_decay"],
+        help="Validate, keep and export an exponential moving average of the weights, by this per step; 0 = the raw weights.")
 @option("max_grad_norm", type=NON_NEGATIVE_FLOAT, default=DEFAULT["max_grad_norm"],
         help="Clip the gradient's global norm to this (a Gaussian pair near f = 1 can give a huge one); 0 = no clipping.")
 @option("weight_decay", type=NON_NEGATIVE_FLOAT, default=DEFAULT["weight_decay"],

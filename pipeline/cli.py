@@ -196,6 +196,7 @@ POSITIVE_FLOAT = Real(min=0, min_open=True)
 NON_NEGATIVE_FLOAT = Real(min=0)
 UNIT_INTERVAL = Real(min=0, max=1)
 OPEN_UNIT_INTERVAL = Real(min=0, max=1, min_open=True)
+BELOW_ONE = Real(min=0, max=1, max_open=True)
 FRACTION = Real(min=0, max=1, min_open=True, max_open=True)
 
 

@@ -4,7 +4,7 @@ training path (cached prompt + prefix features) gives the f the export scores.""
 import pytest
 import torch
 
-from pipeline.importance.context_head import ContextHead
+from pipeline.importance.context_head import ContextHead, token_features
 from pipeline.importance.model import FeatureCache, ImportanceModule, ImportanceNet, NetConfig
 from pipeline.importance.states import context_features
 
@@ -29,11 +29,18 @@ def net(tiny_model_dir):
 
 
 def test_context_features_are_a_plain_forward_of_each_row(net):
-    features, lengths, prompt_lengths = context_features(net.body, PROMPTS, COMPLETIONS, "cpu")
-    assert lengths.tolist() == [len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
-    assert prompt_lengths.tolist() == [len(p) for p in PROMPTS]
-    for row, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS, strict=True)):
-        alone, _, _ = context_features(net.body, [p], [c], "cpu")
+    """Each distinct prompt is forwarded once and its cache shared (here by rows 0, 2 and 3, one with no
+    completion token): every row still equals a plain forward of its prompt + completion."""
+    prompts, completions = [*PROMPTS, PROMPTS[0]], [*COMPLETIONS, []]
+    prompts[2] = PROMPTS[0]
+    features, lengths, prompt_lengths = context_features(net.body, prompts, completions, "cpu")
+    assert lengths.tolist() == [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    assert prompt_lengths.tolist() == [len(p) for p in prompts]
+    for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            hidden = net.body(input_ids=ids).last_hidden_state
+        alone = token_features(hidden, net.body.get_input_embeddings()(ids))
         assert torch.allclose(features[row, : lengths[row]], alone[0], atol=1e-5)
         assert (features[row, lengths[row]:] == 0).all()
 

@@ -35,6 +35,7 @@ from pipeline.cli import check_lightning, lightning_devices
 from pipeline.credit_truth import compare_export
 from pipeline.dump import read_metadata, schema_version, tokenizer_fingerprint
 from pipeline.errors import UserError
+from pipeline.importance.averaging import TrainableEMA
 from pipeline.importance.config import IDENTITY_ARGS, ImportanceArgs
 from pipeline.importance.data import PairDataModule, dump_reward_column
 from pipeline.importance.export import load, save_export
@@ -176,16 +177,16 @@ def starting_point(form: str, likelihood: str, split: np.ndarray, targets: dict[
 
 
 def _fit(module: ImportanceModule, dm: PairDataModule, run_dir: Path, resume_from: Path | None, patience: int,
-         trackers: list[Logger], **trainer_args: Any) -> tuple[L.Trainer, str]:
+         ema_decay: float, trackers: list[Logger], **trainer_args: Any) -> tuple[L.Trainer, str]:
     """Fit (or continue) the run and keep the best candidate on validation loss: the constant baseline, the
-    network at its start, or the best epoch's, so the result is never worse than the constant on
-    validation. Returns the trainer and the choice."""
+    network at its start, or the best epoch's (its weights' EMA with ``ema_decay``), so the result is never
+    worse than the constant on validation. Returns the trainer and the choice."""
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                  auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=1)
     # Lightning's save_last only refreshes last.ckpt when val/loss improves: a second callback writes it every epoch
     latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CKPT.removesuffix(".ckpt"),
                              enable_version_counter=False)
-    callbacks = [checkpoint, latest, TableWriter(run_dir)]
+    callbacks = [checkpoint, latest, TableWriter(run_dir), *([TrainableEMA(ema_decay)] if ema_decay else [])]
     if patience > 0:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=patience))
     # use_distributed_sampler=False: the datamodule shards pairs itself (fixed shards, unpadded validation)
@@ -281,7 +282,7 @@ def run(args: ImportanceArgs, feature_cache: FeatureCache | None = None) -> dict
                 "started": started, **provenance()}
     if is_rank_zero:
         write_json(run_dir / "metadata.json", metadata)
-    trainer, chosen = _fit(module, dm, run_dir, resume_from, args.patience, trackers, max_epochs=args.max_epochs,
+    trainer, chosen = _fit(module, dm, run_dir, resume_from, args.patience, args.ema_decay, trackers, max_epochs=args.max_epochs,
                            accelerator=args.accelerator, devices=lightning_devices(args.devices),
                            precision=args.precision, gradient_clip_val=args.max_grad_norm or None)
     final = module.val_summary
