@@ -36,6 +36,7 @@ from pipeline.grpo.config import (
     IMPORTANCE_SAMPLING_LEVELS,
     IMPORTANCE_SOURCES,
     LR_SCHEDULERS,
+    ONLINE_FEATURES,
     SCALE_REWARDS,
     GRPOArgs,
 )
@@ -180,6 +181,9 @@ DEFAULT = field_defaults(GRPOArgs)
         help="online: held-out prompts the buffer needs before the head is judged (until then: uniform f).")
 @option("online_likelihood", type=click.Choice(["auto", *LIKELIHOODS]), default=DEFAULT["online_likelihood"],
         help="online: the pair loss, as stage 2's --likelihood (auto: bernoulli on 0/1 prompts, else gaussian).")
+@option("online_features", type=click.Choice(ONLINE_FEATURES), default=DEFAULT["online_features"],
+        help="online: the head without --importance_net: stage 2's context head (an attention block over the "
+             "policy's states of prompt + completion) or its token head (one token's state and position).")
 @option("accelerator", type=ACCELERATOR, default=DEFAULT["accelerator"],
         help="Fabric accelerator: auto (CUDA when there), cpu, cuda; the reference, importance and reward models follow.")
 @option("vllm_importance_sampling_correction", type=bool, default=DEFAULT["vllm_importance_sampling_correction"],

@@ -86,17 +86,33 @@ def test_a_context_run_refuses_another_kind_of_cache(net):
                          feature_cache=FeatureCache("all"))
 
 
-def test_the_online_head_takes_a_context_exports_design_not_its_weights(net, tiny_model_dir, tmp_path, caplog):
-    """Stage 3's online head reads one token's state at a time: a context export gives it form and end only."""
+def test_the_online_head_runs_a_context_export_as_stage_2_scores_it(net, tiny_model_dir, tmp_path):
+    """Warm-started from a context export, stage 3's online head reads the context inputs of the policy's own
+    log-prob forward (left-padded rows) and gives the f stage 2's net scores on the same weights."""
+    from transformers import AutoModelForCausalLM
+
     from pipeline.dump import tokenizer_fingerprint
-    from pipeline.grpo.online_importance import ONLINE_FEATURES, warm_start
+    from pipeline.grpo.logprobs import completion_outputs
+    from pipeline.grpo.online_importance import OnlineImportance, OnlineOptions, warm_start
+    from pipeline.grpo.rollout import pad_batch
     from pipeline.importance.export import save_export
     from pipeline.models import load_tokenizer
 
     fingerprint = tokenizer_fingerprint(load_tokenizer(str(tiny_model_dir)))
     export = save_export(net, tmp_path / "export", tokenizer=fingerprint, reward_key="reward", group_stats="prompt",
                          likelihood="gaussian", baseline_f=0.3)
-    config, weights = warm_start(export, net.body.config.hidden_size, fingerprint)
-    assert weights is None and config.features == ONLINE_FEATURES and config.constant is None
-    assert (config.form, config.pin_end) == (net.config.form, net.config.pin_end)
-    assert "cannot run" in caplog.text
+    hidden_size = net.body.config.hidden_size
+    online = OnlineImportance(hidden_size, OnlineOptions(), "cpu", *warm_start(export, hidden_size, fingerprint))
+    assert online.state_kind == "context" and online.head.row_width == 2 * hidden_size
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    input_ids, attention, mask = pad_batch(PROMPTS, COMPLETIONS, pad_id=0)
+    with torch.no_grad():
+        _, _, inputs = completion_outputs(policy, input_ids, attention, mask.shape[1], states="context")
+        expected, lengths, prompt_lengths = context_features(net.body, PROMPTS, COMPLETIONS, "cpu")
+        online_f = online.head.curve(inputs, mask.sum(1).long(), mask.shape[1])
+        stage2_f = net.curve(PROMPTS, COMPLETIONS)
+    assert torch.equal(inputs.lengths, lengths) and torch.equal(inputs.prompt_lengths, prompt_lengths)
+    torch.testing.assert_close(inputs.features[:, : expected.shape[1]], expected, rtol=0, atol=1e-5)
+    assert (inputs.features[:, expected.shape[1]:] == 0).all()
+    torch.testing.assert_close(online_f, stage2_f, rtol=0, atol=1e-5)
+    assert float((stage2_f[:, 1:] - stage2_f[:, :-1]).abs().max()) > 0.01  # a curve that varies: the check has teeth

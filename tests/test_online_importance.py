@@ -107,7 +107,7 @@ def test_states_come_from_the_log_prob_forward(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     input_ids, attention, mask = random_batch(model.config.vocab_size)
     width = mask.size(1)
-    logps, entropy, states = completion_outputs(model, input_ids, attention, width, 0.8, True, 5, with_states=True)
+    logps, entropy, states = completion_outputs(model, input_ids, attention, width, 0.8, True, 5, states="completion")
     expected_logps, expected_entropy = completion_logprobs(model, input_ids, attention, width, 0.8, True, 5)
     assert torch.equal(logps, expected_logps) and torch.equal(entropy, expected_entropy)
     hidden = model.model(input_ids=input_ids, attention_mask=attention,
@@ -220,11 +220,58 @@ def test_the_head_finds_the_deciding_token_and_leaves_the_fallback():
     weights, metrics = history[-1]
     # 0.15: f stays <= F_MAX = 0.99, so a perfect f gains a little less than it did at the former 1 - 1e-4 (0.20)
     assert metrics["online/gain"] > 0.15 and metrics["online/gain_lo"] > 0 and metrics["online/fallback"] == 0
-    f = online.head.curve(torch.eye(width + 1).unsqueeze(0), torch.tensor([width]))[0]
+    f = online.head.curve(torch.eye(width + 1).unsqueeze(0), torch.tensor([width]), width)[0]
     assert f[1:deciding + 1].max() < 0.2 and f[deciding + 1:].min() > 0.8
     assert int(weights[0].argmax()) == deciding and weights[0, deciding] > 0.6 * width  # most of the credit
     first_off = next(i for i, (_, m) in enumerate(history) if m["online/fallback"] == 0)
     assert all(torch.equal(w, torch.ones_like(w)) for w, _ in history[:first_off + 1]), "uniform until it wins"
+
+
+def test_the_context_heads_buffer_gives_the_f_its_weights_were_made_of(tiny_model_dir):
+    """The context head keeps prompt + A[:t] per pair, from the forward of each micro-batch: refit and judge
+    read f(t) from it, and it equals the curve that made the step's weights, at the split."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    input_ids, attention, mask = random_batch(model.config.vocab_size, rows=8, completion_lens=(2, 7, 9, 4))
+    online = OnlineImportance(model.config.hidden_size, OnlineOptions(features="context", refit_every=1000), "cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in online.head.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=generator))
+    split = torch.tensor([1, 1, 3, 3, 1, 1, 6, 6])  # sister As (rows 0, 2, 4, 6) have 2, 9, 2 and 9 tokens
+    pairing = Pairing(split=split, degenerate=torch.zeros(8, dtype=torch.bool))
+    lengths = mask.sum(1).long()
+    hook = online.weights_hook("delta", 1.0, mask, lengths, pairing)
+    assert online.state_kind == "context"
+    with torch.no_grad():
+        for rows in (slice(0, 3), slice(3, 8)):  # micro-batches that cut a pair: each keeps its own rows
+            hook(completion_outputs(model, input_ids[rows], attention[rows], mask.shape[1], states="context")[2], rows)
+        whole = completion_outputs(model, input_ids, attention, mask.shape[1], states="context")[2]
+        curve = online.head.curve(whole, lengths, mask.shape[1])
+    online.end_step(1, [0, 0, 1, 1, 2, 2, 3, 3], np.array([1, 0, 0, 1, 1, 0, 0.5, 1.0]), pairing, mask)
+    assert [len(s) for s in online.buffer.states] == [int(attention[r, :-mask.shape[1]].sum() + split[r])
+                                                      for r in (0, 2, 4, 6)]
+    batch = online._batch(torch.ones(4, dtype=torch.bool))
+    with torch.no_grad():
+        torch.testing.assert_close(online._pair_f(batch), curve[[0, 2, 4, 6], split[[0, 2, 4, 6]]], rtol=0, atol=1e-5)
+
+
+def _refit_gradient_norms(max_grad_norm: float) -> list[float]:
+    """The head's gradient norm at each AdamW step of 3 synthetic steps' refits."""
+    width, deciding, norms = 8, 3, []
+    online = OnlineImportance(width + 1, OnlineOptions(heldout_fraction=0.25, max_grad_norm=max_grad_norm), "cpu")
+    online.optimizer.register_step_pre_hook(lambda *_: norms.append(float(torch.cat(
+        [p.grad.flatten() for p in online.head.parameters()]).norm())))
+    rng = np.random.default_rng(0)
+    for step in range(1, 4):
+        _synthetic_step(online, step, rng, deciding, width)
+    return norms
+
+
+def test_each_refit_step_clips_the_heads_gradient():
+    """Stage 2's --max_grad_norm holds for the refit: no AdamW step of the head sees a larger gradient norm."""
+    clipped, unclipped = _refit_gradient_norms(0.005), _refit_gradient_norms(0.0)
+    assert clipped and max(clipped) <= 0.005 + 1e-7
+    assert max(unclipped) > 0.005, "the unclipped gradient is larger: the clip acts"
 
 
 # ---- stage 3 end to end on the tiny model, reward decided by completion token DECIDING -----------------------
@@ -245,9 +292,11 @@ def _online_state(run: Path) -> dict:
     return torch.load(last, weights_only=True)["online"]
 
 
-def test_resume_is_exact_with_the_head_and_the_buffer(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("features", ["state+position", "context"])
+def test_resume_is_exact_with_the_head_and_the_buffer(tiny_model_dir, tmp_path, features):
     """SIGKILL after step 3 of 6 and --resume: the same policy, metrics, head, head optimizer and buffer."""
-    base = ["--model_name", str(tiny_model_dir), *ONLINE, "--max_steps", "6", "--save_every", "1"]
+    base = ["--model_name", str(tiny_model_dir), *ONLINE, "--max_steps", "6", "--save_every", "1",
+            "--online_features", features]
     straight = _launch(base + ["--out_dir", str(tmp_path / "straight")])
     cut = _launch(base + ["--out_dir", str(tmp_path / "cut")])
     run = tmp_path / "cut" / "arithmetic" / "tiny-llama" / "grpo" / "online"

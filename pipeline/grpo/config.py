@@ -21,6 +21,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers.get_scheduler names
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 IMPORTANCE_SOURCES = ("offline", "online", "oracle")
+ONLINE_FEATURES = ("state+position", "context")  # the online head without a warm start: stage 2's token or context head
 # Where and how a run runs, or how long and how often it reports: these may change on --resume, and they
 # are not part of the default run name. Every other argument defines the run and must match on --resume.
 RESUMABLE_ARGS = ("max_steps", "eval_every", "save_every", "save_total_limit", "logging_steps", "report_to",
@@ -114,6 +115,7 @@ class GRPOArgs:
     online_heldout_fraction: float = 0.2
     online_min_heldout_prompts: int = 4
     online_likelihood: str = "auto"
+    online_features: str = "state+position"  # ONLINE_FEATURES, without --importance_net (an export brings its own)
     accelerator: str = "auto"  # Fabric's: auto (CUDA when there), cpu, cuda/gpu; every model of the run follows it
     vllm_importance_sampling_correction: bool = True  # TRL 1.16's names and defaults; vLLM backend only
     vllm_importance_sampling_mode: str = "sequence_mask"

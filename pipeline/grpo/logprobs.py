@@ -20,8 +20,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.generation.weights import hf_module
+from pipeline.importance.context_head import ContextInputs, token_features
 
 DEFAULT_CHUNK_SIZE = 512  # completion positions per head chunk: 512 x 151,936 fp32 logits = 311 MB
+STATE_KINDS = ("none", "completion", "context")  # what completion_outputs hands out beside the log-probs
 POST_HEAD_SCALING = ("final_logit_softcapping", "logit_scale")  # configs whose logits change after the head
 
 
@@ -114,18 +116,50 @@ def completion_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mas
 
 def completion_outputs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_len: int,
                        temperature: float = 1.0, with_entropy: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                       with_states: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``completion_logprobs``, plus (``with_states``) the hidden states that the LM head read, detached.
+                       states: str = "none") -> tuple[Tensor, Tensor | None, Tensor | ContextInputs | None]:
+    """``completion_logprobs``, plus (``states``, one of STATE_KINDS) the hidden states the forward computed, detached.
 
-    States (B, T + 1, H): entry t is the last hidden state at the last token of prompt + completion[:t],
-    where the importance net reads f(t) (docs/importance.md). They come out of the same forward, so an
-    online importance head costs no second model and no extra pass; detached, its fit never reaches
-    the policy.
+    ``completion``: (B, T + 1, H), entry t the last hidden state at the last token of prompt + completion[:t],
+    where a token head reads f(t) (docs/importance.md). ``context``: the context head's inputs
+    (``token_features`` of every real token of prompt + completion, right-padded), as stage 2's
+    ``states.context_features`` computes them with its own forward. Both come out of the loss's forward, so
+    an online importance head costs no second model and no extra pass; detached, its fit never reaches the
+    policy.
     """
     head = output_head(model)
     chunked = ChunkedHead(head.forward, input_ids[:, -completion_len:], temperature, chunk_size, with_entropy,
-                          with_states)
-    with _head_replaced(head, chunked):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask),
-                    logits_to_keep=completion_len + 1, use_cache=False)
+                          states == "completion")
+    captured: list[Tensor] = []
+    decoder = hf_module(model).get_decoder()
+    hook = (decoder.register_forward_hook(lambda _m, _a, out: captured.append(out[0].detach()))
+            if states == "context" else None)
+    try:
+        with _head_replaced(head, chunked):
+            out = model(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_for(attention_mask), logits_to_keep=completion_len + 1,
+                        use_cache=False)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if states == "context":
+        return out.logits, chunked.entropies, _context_inputs(model, captured[0], input_ids, attention_mask,
+                                                              completion_len)
     return out.logits, chunked.entropies, chunked.states
+
+
+def _context_inputs(model: torch.nn.Module, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                    completion_len: int) -> ContextInputs:
+    """The context head's inputs from the forward's last hidden states at every position (B, P + T, H): each
+    row's left padding moved to its end, so that it reads as stage 2's right-padded prompt + completion."""
+    order = (attention_mask == 0).to(torch.uint8).argsort(dim=1, stable=True)  # real tokens first, in order
+
+    def moved(x: Tensor) -> Tensor:
+        return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    with torch.no_grad():
+        embeddings = hf_module(model).get_input_embeddings()(input_ids)
+    lengths = attention_mask.sum(1)
+    features = token_features(moved(hidden), moved(embeddings).to(hidden.dtype))
+    real = torch.arange(input_ids.shape[1], device=input_ids.device) < lengths[:, None]
+    prompt_lengths = attention_mask[:, : input_ids.shape[1] - completion_len].sum(1)
+    return ContextInputs(features * real.unsqueeze(-1).to(features.dtype), lengths, prompt_lengths)

@@ -120,7 +120,7 @@ def score(model: torch.nn.Module, batch: PolicyBatch, size: int | None, temperat
 def accumulate(fabric: Any, model: torch.nn.Module, batch: PolicyBatch, loss_type: str, loss_options: dict[str, Any],
                size: int | None, temperature: float, *, with_entropy: bool = False,
                weights_from_entropies: Callable[[Tensor], Tensor] | None = None,
-               weights_from_states: Callable[[Tensor, slice], Tensor] | None = None,
+               weights_from_states: Callable[[Any, slice], Tensor] | None = None, state_kind: str = "completion",
                chunk_size: int = DEFAULT_CHUNK_SIZE) -> StepResult:
     """Forward and backward over ``batch`` in micro-batches; the caller clips and steps the optimizer.
 
@@ -129,7 +129,8 @@ def accumulate(fabric: Any, model: torch.nn.Module, batch: PolicyBatch, loss_typ
     batch (the entropy mask). With one micro-batch they come from its own forward; with several, a
     no-grad pass over the batch computes the entropies first (one extra forward).
     ``weights_from_states``: per-completion weights of a micro-batch from the hidden states its own
-    forward read (detached, ``completion_outputs``) and its rows of the batch (the online importance head).
+    forward computed (detached, ``completion_outputs``'s ``state_kind``) and its rows of the batch (the online
+    importance head).
     """
     slices = micro_batches(len(batch), size)
     entropies = None
@@ -146,7 +147,7 @@ def accumulate(fabric: Any, model: torch.nn.Module, batch: PolicyBatch, loss_typ
         with fabric.no_backward_sync(model, enabled=i < len(slices) - 1):
             logps, part_entropies, states = completion_outputs(
                 model, part.input_ids, part.attention_mask, batch.completion_len, temperature, need_entropy,
-                chunk_size, with_states=weights_from_states is not None)
+                chunk_size, states="none" if weights_from_states is None else state_kind)
             if weights_from_entropies is not None and len(slices) == 1:
                 batch = part = replace(part, weights=weights_from_entropies(part_entropies))
             if weights_from_states is not None:

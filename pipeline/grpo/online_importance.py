@@ -20,7 +20,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,16 +30,19 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
+from pipeline.grpo.config import ONLINE_FEATURES
 from pipeline.grpo.importance_guard import gain_is_positive
 from pipeline.grpo.paired_rollout import Pairing
 from pipeline.grpo.softmask import soft_mask_weights, weight_stats
+from pipeline.importance.config import ImportanceArgs
+from pipeline.importance.context_head import ContextInputs
 from pipeline.importance.data import TARGETS, VAR_EPS
 from pipeline.importance.forms import curve, f_along
 from pipeline.importance.loss import LIKELIHOODS, best_constant_f, resolve_likelihood
 from pipeline.importance.metrics import ValidationStats
 from pipeline.importance.model import (
-    TOKEN_FEATURES,
     NetConfig,
+    context_pair_f,
     head_inputs,
     head_logits,
     make_head,
@@ -51,7 +54,6 @@ if TYPE_CHECKING:
     from pipeline.grpo.config import GRPOArgs
 
 log = logging.getLogger(__name__)
-ONLINE_FEATURES = "state+position"  # the online head reads the policy's state of one completion token at a time
 HELDOUT_STREAM = 0x4E1D  # the held-out prompts' random stream, apart from every sampling seed
 SPLIT_QUANTILE = 0.9  # t_max: this quantile of the buffer's sister-A lengths (stage 1's default rule)
 META = {"prompt_id": torch.long, "r1": torch.float64, "r2": torch.float64, "split": torch.long,
@@ -70,6 +72,8 @@ class OnlineOptions:
     min_heldout_prompts: int = 4  # fewer held-out prompts give no usable bootstrap CI: the head is not judged yet
     likelihood: str = "auto"  # stage 2's rule: bernoulli on 0/1 prompts, gaussian on the others; or one of LIKELIHOODS
     seed: int = 0
+    features: str = ONLINE_FEATURES[0]  # the head without a warm start (a stage-2 export brings its own)
+    max_grad_norm: float = ImportanceArgs.max_grad_norm  # stage 2's clip of each refit step's gradient; 0: none
 
 
 class PairBuffer:
@@ -135,16 +139,16 @@ def heldout_prompts(prompt_ids: Tensor, seed: int, fraction: float) -> Tensor:
     return torch.tensor([_held_out(seed, p, fraction) for p in prompt_ids.tolist()], dtype=torch.bool)
 
 
-class OnlineHead(nn.Module):
-    """Stage 2's head and form (``NetConfig``: form, pinned end, position features) on the policy's states."""
+class TokenOnlineHead(nn.Module):
+    """Stage 2's token head and form (``NetConfig``: form, pinned end, position features) on the policy's state of
+    one completion token at a time (``completion_outputs``' ``completion`` states)."""
+
+    reads = "completion"
 
     def __init__(self, hidden_size: int, config: NetConfig) -> None:
         super().__init__()
-        self.config, self.hidden_size = config, hidden_size
+        self.config, self.hidden_size, self.row_width = config, hidden_size, hidden_size
         self.head = make_head(hidden_size, config)
-
-    def logits(self, states: Tensor, u: Tensor) -> Tensor:
-        return head_logits(self.head, states.float(), u, self.config.features)
 
     def state_norm(self) -> Tensor:
         """Squared norm of the first layer's weights on the hidden state (not on the position basis)."""
@@ -152,18 +156,76 @@ class OnlineHead(nn.Module):
         width = self.hidden_size if "state" in self.config.features else 0
         return first.weight[:, :width].square().sum()
 
-    def curve(self, states: Tensor, lengths: Tensor) -> Tensor:
+    def curve(self, states: Tensor, lengths: Tensor, width: int) -> Tensor:
         """(B, T + 1) f(0..T) from the states (B, T + 1, H) of right-padded completions of ``lengths`` tokens."""
         u = torch.arange(1, states.size(1), device=states.device).expand(states.size(0), -1)
-        return curve(f_along(self.config.form, self.logits(states[:, 1:], u)), lengths, self.config.pin_end)
+        logits = head_logits(self.head, states[:, 1:].float(), u, self.config.features)
+        return curve(f_along(self.config.form, logits), lengths, self.config.pin_end)
 
-    def pair_f(self, inputs: Tensor, pair: Tensor, u: Tensor, split: Tensor) -> Tensor:
-        """f(t) of pairs from the head inputs of their states (``pair``: the pair of each state, ``u``: its
-        position; ``head_inputs``, computed once per refit); 0 at t = 0."""
+    def capture(self, states: Tensor, row: int, t: int) -> Tensor:
+        """What f(t) of this row reads, kept for the buffer: the state at u = t (direct), at u = 1..t (monotone)."""
+        return states[row, (1 if self.config.form == "monotone" else t):t + 1].clone()
+
+    def pair_inputs(self, rows: list[Tensor], split: Tensor) -> dict[str, Tensor]:
+        """The pairs' kept states flattened, with each state's pair and completion position u (computed once per
+        refit): ``pair_f``'s input."""
+        counts = torch.tensor([len(r) for r in rows], dtype=torch.long, device=split.device)
+        pair = torch.repeat_interleave(torch.arange(len(rows), device=split.device), counts)
+        first = counts.cumsum(0) - counts
+        u = split[pair] - counts[pair] + 1 + torch.arange(len(pair), device=split.device) - first[pair]  # last: t
+        states = torch.cat(rows).float() if rows else torch.empty(0, self.hidden_size, device=split.device)
+        return {"inputs": head_inputs(states, u, self.config.features), "state_pair": pair, "u": u}
+
+    def pair_f(self, inputs: dict[str, Any], split: Tensor) -> Tensor:
+        """f(t) of each pair at its split t; 0 at t = 0."""
         logits = torch.full((len(split), max(int(split.max()), 1)), float("-inf"), device=split.device)
-        logits = logits.index_put((pair, u - 1), self.head(inputs).squeeze(-1))  # -inf: no hazard, sigmoid 0
-        f = f_along(self.config.form, logits).gather(1, (split - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        logits = logits.index_put((inputs["state_pair"], inputs["u"] - 1), self.head(inputs["inputs"]).squeeze(-1))
+        f = f_along(self.config.form, logits).gather(1, (split - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # -inf: 0
         return torch.where(split > 0, f, torch.zeros_like(f))
+
+
+class ContextOnlineHead(nn.Module):
+    """Stage 2's context head (``--features context``: its own attention block over prompt + completion) on the
+    policy's states and input embeddings of every token (``completion_outputs``' ``context`` inputs)."""
+
+    reads = "context"
+
+    def __init__(self, hidden_size: int, config: NetConfig) -> None:
+        super().__init__()
+        self.config, self.hidden_size, self.row_width = config, hidden_size, 2 * hidden_size
+        self.head = make_head(hidden_size, config)
+
+    def state_norm(self) -> Tensor:
+        """Squared norm of the block's input weights on the token features."""
+        return self.head.inp.weight.square().sum()
+
+    def curve(self, inputs: ContextInputs, lengths: Tensor, width: int) -> Tensor:
+        """(B, T + 1) f(0..T), T = ``width``, of right-padded completions of ``lengths`` tokens."""
+        logits = self.head(inputs.features.float(), inputs.lengths, inputs.prompt_lengths, width)
+        return curve(f_along(self.config.form, logits), lengths, self.config.pin_end)
+
+    def capture(self, inputs: ContextInputs, row: int, t: int) -> Tensor:
+        """What f(t) of this row reads, kept for the buffer: the features of prompt + completion[:t]."""
+        return inputs.features[row, : int(inputs.prompt_lengths[row]) + t].clone()
+
+    def pair_inputs(self, rows: list[Tensor], split: Tensor) -> dict[str, Any]:
+        prompt_lengths = torch.tensor([len(r) for r in rows], device=split.device) - split
+        return {"rows": [r.float() for r in rows], "prompt_lengths": prompt_lengths}
+
+    def pair_f(self, inputs: dict[str, Any], split: Tensor) -> Tensor:
+        """f(t) of each pair at its split t; 0 at t = 0."""
+        return context_pair_f(self.head, self.config.form, inputs["rows"], inputs["prompt_lengths"], split)
+
+
+def fresh_config(features: str) -> NetConfig:
+    """The online head's design without a warm start: stage 2's defaults, the token head linear (measured:
+    docs/online_importance.md)."""
+    return NetConfig(backbone="policy", features=features, head_hidden=NetConfig.head_hidden if features == "context" else 0)
+
+
+def online_head(hidden_size: int, config: NetConfig) -> TokenOnlineHead | ContextOnlineHead:
+    """The head that runs ``config``'s features on the policy's states."""
+    return (ContextOnlineHead if config.features == "context" else TokenOnlineHead)(hidden_size, config)
 
 
 def warm_start(export: str | Path, hidden_size: int, fingerprint: dict[str, Any]) -> tuple[NetConfig, dict | None]:
@@ -178,11 +240,6 @@ def warm_start(export: str | Path, hidden_size: int, fingerprint: dict[str, Any]
         raise UserError(f"importance net '{path}' was trained with another tokenizer than the policy: "
                         "train it on a dump of this model, or drop --importance_net to start from a constant")
     config = NetConfig(**info["net"])
-    if config.features not in TOKEN_FEATURES:
-        log.warning("warning: importance net '%s' has a %s head, which the online head (one token's state at a "
-                    "time) cannot run: the online head starts from the constant, with its form and end", path,
-                    config.features)
-        return replace(config, features=ONLINE_FEATURES, constant=None), None
     weights = {name.removeprefix("head."): tensor for name, tensor in load_file(path / WEIGHTS_FILE).items()
                if name.startswith("head.")}
     expected = make_head(hidden_size, config).state_dict()
@@ -204,7 +261,7 @@ class OnlineImportance:
     def __init__(self, hidden_size: int, options: OnlineOptions, device: torch.device | str,
                  config: NetConfig | None = None, head_weights: dict[str, Tensor] | None = None) -> None:
         self.options, self.hidden_size = options, hidden_size
-        self.head = OnlineHead(hidden_size, config or NetConfig(backbone="policy", head_hidden=0, features=ONLINE_FEATURES)).to(device)
+        self.head = online_head(hidden_size, config or fresh_config(options.features)).to(device)
         if head_weights is not None:
             self.head.head.load_state_dict(head_weights)
         else:
@@ -230,29 +287,34 @@ class OnlineImportance:
 
     # ---- during the step's forward ---------------------------------------------------------------
     def weights_hook(self, softmask: str, strength: float, mask: Tensor, lengths: Tensor,
-                     pairing: Pairing) -> Callable[[Tensor, slice], Tensor]:
-        """``accumulate``'s ``weights_from_states``: a micro-batch's weights, from its own forward's states.
+                     pairing: Pairing) -> Callable[[Tensor | ContextInputs, slice], Tensor]:
+        """``accumulate``'s ``weights_from_states``: a micro-batch's weights, from its own forward's states
+        (``completion_outputs``' states of kind ``state_kind``).
 
         Also keeps the states each pair's f(t) reads for the buffer, and the head's own weights for the
         log (what it would do while the fallback is on).
         """
         self._captured, self._head_weights, self._head_f, self._lengths = {}, [], [], lengths.cpu()
-        monotone = self.head.config.form == "monotone"  # f(t) reads the states at u = 1..t; direct: at u = t
 
-        def hook(states: Tensor, rows: slice) -> Tensor:
+        def hook(states: Tensor | ContextInputs, rows: slice) -> Tensor:
             part_mask = mask[rows]
             with torch.no_grad():
-                f = self.head.curve(states, lengths[rows])
+                f = self.head.curve(states, lengths[rows], part_mask.shape[1])
             head_weights = soft_mask_weights(softmask, part_mask, strength, f=f)
             self._head_weights.append(head_weights)
             self._head_f.append(f)
             for row in range(rows.start + rows.start % 2, rows.stop, 2):  # sister A rows of this micro-batch
                 t = int(pairing.split[row])
                 if t > 0 and not pairing.degenerate[row]:
-                    self._captured[row] = states[row - rows.start, (1 if monotone else t):t + 1].clone()
+                    self._captured[row] = self.head.capture(states, row - rows.start, t)
             return soft_mask_weights("none", part_mask) if self.fallback else head_weights
 
         return hook
+
+    @property
+    def state_kind(self) -> str:
+        """The states ``weights_hook``'s hook reads (``logprobs.STATE_KINDS``)."""
+        return self.head.reads
 
     def step_curves(self) -> Tensor:
         """The head's f(0..T) of each of this step's completions (the credit task's log compares it with the truth)."""
@@ -270,9 +332,10 @@ class OnlineImportance:
         meta = {"prompt_id": torch.tensor(prompt_ids)[rows], "r1": torch.as_tensor(rewards)[rows],
                 "r2": torch.as_tensor(rewards)[rows + 1], "split": pairing.split[rows], "length": self._lengths[rows],
                 "degenerate": pairing.degenerate[rows], "step": torch.full((len(rows),), step)}
-        states = [self._captured.get(int(r), torch.empty(0, self.hidden_size, device=mask.device)) for r in rows]
+        width = self.head.row_width
+        states = [self._captured.get(int(r), torch.empty(0, width, device=mask.device)) for r in rows]
         if gather is not None:
-            meta, states = _gathered(meta, states, self.hidden_size, mask.device, gather)
+            meta, states = _gathered(meta, states, width, mask.device, gather)
         self.buffer.add(meta, states)
         concentration = (weight_stats(torch.cat(self._head_weights), mask)["top20_mass"] if self._head_weights
                          else float("nan"))
@@ -306,27 +369,23 @@ class OnlineImportance:
         binary = targets["binary"].numpy() > 0.5
         return informative & ~held, informative & held, resolve_likelihood(self.options.likelihood, binary, "reward")
 
-    def _batch(self, which: Tensor) -> dict[str, Tensor]:
-        """Buffer pairs ``which`` (bool) as stage 2's validation batch, plus their states flattened with the
-        pair (``state_pair``) and completion position (``u``) of each state."""
+    def _batch(self, which: Tensor) -> dict[str, Any]:
+        """Buffer pairs ``which`` (bool) as stage 2's validation batch, plus what the head reads of them
+        (``head``: its ``pair_inputs``, computed once per refit)."""
         index = which.nonzero().squeeze(1)
         targets, _ = pooled_targets(self.buffer.meta)
         split, length = self.buffer.meta["split"][index], self.buffer.meta["length"][index]
-        chosen = [self.buffer.states[i] for i in index.tolist()]
-        counts = torch.tensor([len(s) for s in chosen], dtype=torch.long)
-        pair = torch.repeat_interleave(torch.arange(len(index)), counts)
-        u = split[pair] - counts[pair] + 1 + torch.arange(len(pair)) - (counts.cumsum(0) - counts)[pair]  # last: t
-        states = torch.cat(chosen) if chosen else torch.empty(0, self.hidden_size)
-        batch = {**{k: targets[k][index] for k in TARGETS}, "split": split, "u": u, "state_pair": pair,
+        batch = {**{k: targets[k][index] for k in TARGETS}, "split": split,
                  "prompt_index": torch.unique(self.buffer.meta["prompt_id"][index], return_inverse=True)[1],
                  "relative": split / length.clamp(min=1)}
         device = next(self.head.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        batch["inputs"] = head_inputs(states.to(device).float(), batch["u"], self.head.config.features)
+        batch["head"] = self.head.pair_inputs([self.buffer.states[i].to(device) for i in index.tolist()],
+                                              batch["split"])
         return batch
 
-    def _pair_f(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.head.pair_f(batch["inputs"], batch["state_pair"], batch["u"], batch["split"])
+    def _pair_f(self, batch: dict[str, Any]) -> Tensor:
+        return self.head.pair_f(batch["head"], batch["split"])
 
     def _baseline(self, likelihood: str, train: Tensor) -> float:
         """Stage 2's baseline: the best constant f for t > 0 on the training pairs (f(0) = 0 is pinned for all)."""
@@ -352,6 +411,8 @@ class OnlineImportance:
             self.optimizer.zero_grad(set_to_none=True)
             loss = LIKELIHOODS[likelihood](self._pair_f(batch), batch).mean()
             (loss + self.options.state_l2 * self.head.state_norm()).backward()
+            if self.options.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.options.max_grad_norm)
             self.optimizer.step()
 
     @torch.no_grad()
@@ -407,7 +468,7 @@ def from_args(args: GRPOArgs, hidden_size: int, tokenizer: Any, device: torch.de
     options = OnlineOptions(args.online_refit_every, args.online_buffer_size, args.online_refit_iters, args.online_lr,
                             state_l2=args.online_state_l2, heldout_fraction=args.online_heldout_fraction,
                             min_heldout_prompts=args.online_min_heldout_prompts,
-                            likelihood=args.online_likelihood, seed=args.seed)
+                            likelihood=args.online_likelihood, seed=args.seed, features=args.online_features)
     if not args.importance_net:
         return OnlineImportance(hidden_size, options, device)
     config, weights = warm_start(args.importance_net, hidden_size, tokenizer_fingerprint(tokenizer))

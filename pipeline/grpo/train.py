@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EntropyWeights = Callable[[Tensor], Tensor]  # accumulate's weights_from_entropies
-StateWeights = Callable[[Tensor, slice], Tensor]  # accumulate's weights_from_states
+StateWeights = Callable[[Any, slice], Tensor]  # accumulate's weights_from_states
 
 
 def run_dir_for(args: GRPOArgs) -> Path:
@@ -292,7 +292,8 @@ class Trainer:
             result = accumulate(fabric, self.model, batch, args.loss_type, loss_options,
                                 args.per_device_train_batch_size, args.temperature, with_entropy=log_entropy,
                                 chunk_size=args.logprob_chunk_size, weights_from_entropies=from_entropies,
-                                weights_from_states=from_states)
+                                weights_from_states=from_states,
+                                state_kind="none" if self.online is None else self.online.state_kind)
             if from_states is not None:  # later iterations keep the first forward's weights
                 batch, from_states = replace(batch, weights=result.weights), None
             grad_norm = fabric.clip_gradients(self.model, self.optimizer, max_norm=args.max_grad_norm)

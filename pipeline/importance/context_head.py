@@ -12,6 +12,8 @@ MAE 0.078-0.125 over 8 seeds (mean 0.102, with stage 2's EMA of the weights), ag
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +34,15 @@ def scalar_head(width: int, hidden: int) -> nn.Module:
     if hidden <= 0:
         return nn.Linear(width, 1)
     return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+
+class ContextInputs(NamedTuple):
+    """What the context head reads: ``token_features`` (B, L, 2H) of right-padded prompt + completion rows (zero
+    past each row's end), each row's length and its prompt's length."""
+
+    features: Tensor
+    lengths: Tensor
+    prompt_lengths: Tensor
 
 
 def token_features(hidden: Tensor, embeddings: Tensor) -> Tensor:

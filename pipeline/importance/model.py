@@ -103,6 +103,23 @@ def head_logits(head: nn.Module, states: Tensor, u: Tensor, features: str) -> Te
         return head(head_inputs(states, u, features).to(next(head.parameters()).dtype)).squeeze(-1)
 
 
+def context_pair_f(head: nn.Module, form: str, rows: Sequence[Tensor], prompt_lengths: Tensor, split: Tensor) -> Tensor:
+    """f(t) of each pair at its split t from its context rows (P + t, 2H): the context head's features of prompt +
+    prefix; 0 where t = 0 (the pinned start: such a row may hold nothing, and is never run). Stage 2's pairs and
+    stage 3's online head alike."""
+    moved = (split > 0).nonzero().squeeze(1).tolist()
+    f = torch.zeros(len(split), device=split.device)
+    if not moved:
+        return f
+    lengths = torch.tensor([len(rows[i]) for i in moved], device=split.device)
+    features = torch.stack([F.pad(rows[i], (0, 0, 0, int(lengths.max()) - len(rows[i]))) for i in moved])
+    t = split[moved]
+    with torch.autocast(split.device.type, enabled=False):
+        logits = head(features.to(next(head.parameters()).dtype), lengths, prompt_lengths[moved], int(t.max()))
+    at_split = f_along(form, logits.float()).gather(1, (t - 1).unsqueeze(1)).squeeze(1)
+    return f.index_put((torch.tensor(moved, device=split.device),), at_split)
+
+
 class ImportanceNet(nn.Module):
     """a(u) = head([norm(h_u), position basis of u]) per completion position u; f from ``forms.curve``."""
 
@@ -271,13 +288,9 @@ class ImportanceModule(L.LightningModule):
         return torch.where(split > 0, at_split, torch.zeros_like(at_split))
 
     def _context_pair_f(self, batch: dict[str, Any]) -> Tensor:
-        rows, split = self._prefix_states(batch), batch["split"]
-        lengths = torch.tensor([len(r) for r in rows], device=split.device)
-        features = torch.stack([F.pad(r, (0, 0, 0, int(lengths.max()) - len(r))) for r in rows])
-        prompt_lengths = torch.tensor([len(p) for p in batch["prompt"]], device=split.device)
-        f = self.net.context_f(features, lengths, prompt_lengths, max(int(split.max()), 1))
-        at_split = f.gather(1, (split - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        return torch.where(split > 0, at_split, torch.zeros_like(at_split))
+        prompt_lengths = torch.tensor([len(p) for p in batch["prompt"]], device=batch["split"].device)
+        return context_pair_f(self.net.head, self.net.config.form, self._prefix_states(batch), prompt_lengths,
+                              batch["split"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss_fn(self.pair_f(batch), batch).mean()
