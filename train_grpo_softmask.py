@@ -166,8 +166,9 @@ DEFAULT = field_defaults(GRPOArgs)
         help="f for delta/variance/shuffled: the stage-2 net (offline), a head on the policy's own hidden states "
              "refit during the run on paired groups (online; --importance_net then only warm-starts it), or the "
              "task's true f (oracle; --task_name credit only).")
-@option("online_refit_every", type=POSITIVE_INT, default=DEFAULT["online_refit_every"],
-        help="online: steps between refits of the head.")
+@option("online_refit_every", type=NON_NEGATIVE_INT, default=DEFAULT["online_refit_every"],
+        help="online: steps between refits of the head; 0: never (a head warm-started by --importance_net, "
+             "judged only).")
 @option("online_buffer_size", type=int_at_least(2), default=DEFAULT["online_buffer_size"],
         help="online: the most recent pairs the head is fit on.")
 @option("online_refit_iters", type=POSITIVE_INT, default=DEFAULT["online_refit_iters"],

@@ -268,6 +268,10 @@ STAGE2 = [
 
 STAGE3 = [
     case("stage3", "--temperature -1", rf"'--temperature': -1.0 {RANGE} x>0"),
+    case("stage3", "--softmask delta --importance online --online_refit_every 0",
+         r"--online_refit_every 0 never fits the online head: warm-start it with --importance_net"),
+    case("stage3", "--online_refit_every -1", rf"'--online_refit_every': -1 {RANGE} x>=0"),
+    case("stage3", "--online_features attention", r"'--online_features': 'attention' is not one of"),
     case("stage3", "--temperature 0", rf"'--temperature': 0.0 {RANGE} x>0"),
     case("stage3", "--top_p 2", rf"'--top_p': 2.0 {RANGE} 0<x<=1"),
     case("stage3", "--top_p 0", rf"'--top_p': 0.0 {RANGE}"),

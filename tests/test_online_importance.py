@@ -255,6 +255,22 @@ def test_the_context_heads_buffer_gives_the_f_its_weights_were_made_of(tiny_mode
         torch.testing.assert_close(online._pair_f(batch), curve[[0, 2, 4, 6], split[[0, 2, 4, 6]]], rtol=0, atol=1e-5)
 
 
+def test_refit_every_0_keeps_the_warm_start_and_judges_it():
+    """--online_refit_every 0: the warm-started head is never refit, but judged every step and used once it wins."""
+    width, deciding = 8, 3
+    trained = OnlineImportance(width + 1, OnlineOptions(heldout_fraction=0.25, refit_iters=20, lr=0.05), "cpu")
+    rng = np.random.default_rng(0)
+    for step in range(1, 31):
+        _synthetic_step(trained, step, rng, deciding, width)
+    weights = {k: v.clone() for k, v in trained.head.head.state_dict().items()}
+    frozen = OnlineImportance(width + 1, OnlineOptions(heldout_fraction=0.25, refit_every=0), "cpu",
+                              trained.head.config, weights)
+    rng = np.random.default_rng(1)
+    history = [_synthetic_step(frozen, step, rng, deciding, width)[1] for step in range(1, 21)]
+    assert all(torch.equal(frozen.head.head.state_dict()[k], v) for k, v in weights.items())
+    assert history[-1]["online/gain_lo"] > 0 and history[-1]["online/fallback"] == 0
+
+
 def _refit_gradient_norms(max_grad_norm: float) -> list[float]:
     """The head's gradient norm at each AdamW step of 3 synthetic steps' refits."""
     width, deciding, norms = 8, 3, []

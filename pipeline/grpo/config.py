@@ -107,7 +107,7 @@ class GRPOArgs:
     lora_dropout: float = 0.05
     lora_target_modules: str | None = None  # comma-separated, or all-linear (default: peft's for the model)
     importance: str = "offline"  # where f comes from: the stage-2 net (offline) or a head on the policy (online)
-    online_refit_every: int = 1
+    online_refit_every: int = 1  # 0: never refit, only judge (a warm-started head: docs/online_importance.md)
     online_buffer_size: int = 1024
     online_refit_iters: int = 25
     online_lr: float = 1e-2
@@ -193,3 +193,6 @@ def _validate_online(args: GRPOArgs) -> None:
     if args.group_size % 2:
         raise UserError(f"--importance online draws each group as sister pairs: --group_size must be even "
                         f"(got {args.group_size})")
+    if not args.online_refit_every and not args.importance_net:
+        raise UserError("--online_refit_every 0 never fits the online head: warm-start it with "
+                        "--importance_net <stage-2 run>/export, or refit it (--online_refit_every 1)")

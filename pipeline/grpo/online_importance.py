@@ -62,7 +62,7 @@ META = {"prompt_id": torch.long, "r1": torch.float64, "r2": torch.float64, "spli
 
 @dataclass(frozen=True)
 class OnlineOptions:
-    refit_every: int = 1  # steps between refits
+    refit_every: int = 1  # steps between refits; 0: never (a warm-started head, judged only)
     buffer_size: int = 1024  # pairs kept, the most recent
     refit_iters: int = 25  # full-batch AdamW steps per refit
     lr: float = 1e-2
@@ -339,7 +339,7 @@ class OnlineImportance:
         self.buffer.add(meta, states)
         concentration = (weight_stats(torch.cat(self._head_weights), mask)["top20_mass"] if self._head_weights
                          else float("nan"))
-        if step % self.options.refit_every == 0:
+        if self.options.refit_every and step % self.options.refit_every == 0:
             self.refit()
         judged = self.judge()
         self.fallback = not gain_is_positive(judged if np.isfinite(judged["gain"]) else None)
