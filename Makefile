@@ -50,6 +50,6 @@ study: install
 	$(PY) run_study.py --study studies/cpu_arithmetic.yaml
 
 # The positive control (README, "Studies"): the credit task, whose true f is known, 6 arms x 16 seeds on
-# credit-tiny, about 40 minutes on 2 idle cores. Report: rollout_dump/credit/credit-tiny/studies/cpu_credit/.
+# credit-tiny, about 15 minutes on 2 cores. Report: rollout_dump/credit/credit-tiny/studies/cpu_credit/.
 study-credit: install
 	$(PY) run_study.py --study studies/cpu_credit.yaml
