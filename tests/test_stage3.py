@@ -108,8 +108,11 @@ def _final_state(run: Path) -> tuple[dict, pd.DataFrame]:
     return load_file(run / "policy" / "model.safetensors"), pd.read_csv(run / "metrics.csv")
 
 
+RESUME_STEPS = 6  # the signal goes out once step 2's checkpoint exists: steps 3-6 leave it room to land mid-run
+
+
 def _resume_args(model_dir: Path) -> list[str]:
-    return ["--model_name", str(model_dir), *FAST, "--max_steps", "4", "--save_every", "1",
+    return ["--model_name", str(model_dir), *FAST, "--max_steps", str(RESUME_STEPS), "--save_every", "1",
             "--eval_every", "100", "--sampler", "gaussian", "--softmask", "entropy", "--run_name", "r"]
 
 
@@ -138,7 +141,7 @@ def test_resume_matches_uninterrupted_run(interrupt, tiny_model_dir, uninterrupt
         for png in ("learning_curve.png", "curriculum.png"):  # drawn at evaluation, not only at the end
             assert (ckpts.parent / png).stat().st_size > 1000
     steps_done = max(int(p.stem.split("-")[1]) for p in ckpts.glob("*.ckpt"))
-    assert 2 <= steps_done < 4, "the interruption must land mid-run"
+    assert 2 <= steps_done < RESUME_STEPS, "the interruption must land mid-run"
     resumed = _launch(base + ["--out_dir", str(out), "--resume"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     (w1, m1), (w2, m2) = _final_state(uninterrupted_run), _final_state(ckpts.parent)

@@ -129,9 +129,8 @@ def completion_outputs(model: torch.nn.Module, input_ids: Tensor, attention_mask
     head = output_head(model)
     chunked = ChunkedHead(head.forward, input_ids[:, -completion_len:], temperature, chunk_size, with_entropy,
                           states == "completion")
-    captured: list[Tensor] = []
-    decoder = hf_module(model).get_decoder()
-    hook = (decoder.register_forward_hook(lambda _m, _a, out: captured.append(out[0].detach()))
+    captured: list[Tensor] = []  # the decoder's last hidden states at every position (logits_to_keep cuts the head's)
+    hook = (hf_module(model).get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0].detach()))
             if states == "context" else None)
     try:
         with _head_replaced(head, chunked):

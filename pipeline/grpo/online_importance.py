@@ -201,7 +201,8 @@ class ContextOnlineHead(nn.Module):
 
     def curve(self, inputs: ContextInputs, lengths: Tensor, width: int) -> Tensor:
         """(B, T + 1) f(0..T), T = ``width``, of right-padded completions of ``lengths`` tokens."""
-        logits = self.head(inputs.features.float(), inputs.lengths, inputs.prompt_lengths, width)
+        with torch.autocast(inputs.features.device.type, enabled=False):  # the small head in fp32, as stage 2's
+            logits = self.head(inputs.features.float(), inputs.lengths, inputs.prompt_lengths, width)
         return curve(f_along(self.config.form, logits), lengths, self.config.pin_end)
 
     def capture(self, inputs: ContextInputs, row: int, t: int) -> Tensor:
@@ -209,6 +210,7 @@ class ContextOnlineHead(nn.Module):
         return inputs.features[row, : int(inputs.prompt_lengths[row]) + t].clone()
 
     def pair_inputs(self, rows: list[Tensor], split: Tensor) -> dict[str, Any]:
+        """The pairs' kept rows (prompt + A[:t]) and their prompts' lengths: ``pair_f``'s input."""
         prompt_lengths = torch.tensor([len(r) for r in rows], device=split.device) - split
         return {"rows": [r.float() for r in rows], "prompt_lengths": prompt_lengths}
 
