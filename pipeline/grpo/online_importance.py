@@ -42,6 +42,7 @@ from pipeline.importance.loss import LIKELIHOODS, best_constant_f, resolve_likel
 from pipeline.importance.metrics import ValidationStats
 from pipeline.importance.model import (
     NetConfig,
+    context_head_f,
     context_pair_f,
     head_inputs,
     head_logits,
@@ -157,7 +158,8 @@ class TokenOnlineHead(nn.Module):
         return first.weight[:, :width].square().sum()
 
     def curve(self, states: Tensor, lengths: Tensor, width: int) -> Tensor:
-        """(B, T + 1) f(0..T) from the states (B, T + 1, H) of right-padded completions of ``lengths`` tokens."""
+        """(B, T + 1) f(0..T) from the states (B, T + 1, H) of right-padded completions of ``lengths`` tokens
+        (``width`` = T, which the states already give: the context head's argument)."""
         u = torch.arange(1, states.size(1), device=states.device).expand(states.size(0), -1)
         logits = head_logits(self.head, states[:, 1:].float(), u, self.config.features)
         return curve(f_along(self.config.form, logits), lengths, self.config.pin_end)
@@ -192,7 +194,7 @@ class ContextOnlineHead(nn.Module):
 
     def __init__(self, hidden_size: int, config: NetConfig) -> None:
         super().__init__()
-        self.config, self.hidden_size, self.row_width = config, hidden_size, 2 * hidden_size
+        self.config, self.row_width = config, 2 * hidden_size
         self.head = make_head(hidden_size, config)
 
     def state_norm(self) -> Tensor:
@@ -201,9 +203,8 @@ class ContextOnlineHead(nn.Module):
 
     def curve(self, inputs: ContextInputs, lengths: Tensor, width: int) -> Tensor:
         """(B, T + 1) f(0..T), T = ``width``, of right-padded completions of ``lengths`` tokens."""
-        with torch.autocast(inputs.features.device.type, enabled=False):  # the small head in fp32, as stage 2's
-            logits = self.head(inputs.features.float(), inputs.lengths, inputs.prompt_lengths, width)
-        return curve(f_along(self.config.form, logits), lengths, self.config.pin_end)
+        f = context_head_f(self.head, self.config.form, inputs.features, inputs.lengths, inputs.prompt_lengths, width)
+        return curve(f, lengths, self.config.pin_end)
 
     def capture(self, inputs: ContextInputs, row: int, t: int) -> Tensor:
         """What f(t) of this row reads, kept for the buffer: the features of prompt + completion[:t]."""
@@ -262,7 +263,7 @@ class OnlineImportance:
 
     def __init__(self, hidden_size: int, options: OnlineOptions, device: torch.device | str,
                  config: NetConfig | None = None, head_weights: dict[str, Tensor] | None = None) -> None:
-        self.options, self.hidden_size = options, hidden_size
+        self.options = options
         self.head = online_head(hidden_size, config or fresh_config(options.features)).to(device)
         if head_weights is not None:
             self.head.head.load_state_dict(head_weights)

@@ -103,6 +103,15 @@ def head_logits(head: nn.Module, states: Tensor, u: Tensor, features: str) -> Te
         return head(head_inputs(states, u, features).to(next(head.parameters()).dtype)).squeeze(-1)
 
 
+def context_head_f(head: nn.Module, form: str, features: Tensor, lengths: Tensor, prompt_lengths: Tensor,
+                   width: int) -> Tensor:
+    """f(1..width) (R, width) of the context head on ``ContextInputs``-shaped features, before the ends are pinned;
+    the small head runs in fp32 under mixed precision, as ``head_logits``."""
+    with torch.autocast(features.device.type, enabled=False):
+        logits = head(features.to(next(head.parameters()).dtype), lengths, prompt_lengths, width)
+    return f_along(form, logits.float())
+
+
 def context_pair_f(head: nn.Module, form: str, rows: Sequence[Tensor], prompt_lengths: Tensor, split: Tensor) -> Tensor:
     """f(t) of each pair at its split t from its context rows (P + t, 2H): the context head's features of prompt +
     prefix; 0 where t = 0 (the pinned start: such a row may hold nothing, and is never run). Stage 2's pairs and
@@ -114,9 +123,8 @@ def context_pair_f(head: nn.Module, form: str, rows: Sequence[Tensor], prompt_le
     lengths = torch.tensor([len(rows[i]) for i in moved], device=split.device)
     features = torch.stack([F.pad(rows[i], (0, 0, 0, int(lengths.max()) - len(rows[i]))) for i in moved])
     t = split[moved]
-    with torch.autocast(split.device.type, enabled=False):
-        logits = head(features.to(next(head.parameters()).dtype), lengths, prompt_lengths[moved], int(t.max()))
-    at_split = f_along(form, logits.float()).gather(1, (t - 1).unsqueeze(1)).squeeze(1)
+    f_moved = context_head_f(head, form, features, lengths, prompt_lengths[moved], int(t.max()))
+    at_split = f_moved.gather(1, (t - 1).unsqueeze(1)).squeeze(1)
     return f.index_put((torch.tensor(moved, device=split.device),), at_split)
 
 
@@ -185,9 +193,7 @@ class ImportanceNet(nn.Module):
         """f(1..width) (R, width) of the context head from ``states.context_features``, before the ends are pinned."""
         if self.config.constant is not None:
             return torch.full((len(lengths), width), self.config.constant, device=features.device)
-        with torch.autocast(features.device.type, enabled=False):
-            logits = self.head(features.to(next(self.head.parameters()).dtype), lengths, prompt_lengths, width)
-        return f_along(self.config.form, logits.float())
+        return context_head_f(self.head, self.config.form, features, lengths, prompt_lengths, width)
 
     def curve(self, prompts: Sequence[TokenIds], completions: Sequence[TokenIds]) -> Tensor:
         """(R, W + 1): f(0..W) of each completion, pinned ends, f(len) repeated past its end."""
