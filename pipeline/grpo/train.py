@@ -446,8 +446,14 @@ class Trainer:
                hybrid: dict[str, Any] | None) -> Path:
         """The policy, the tables and metadata.json; ``hybrid``: the reward model's calibration, if any."""
         save_policy(self.model, self.tokenizer, self.run_dir / "policy", self.fabric.is_global_zero)
-        if not self.fabric.is_global_zero:
-            return self.run_dir
+        if self.fabric.is_global_zero:
+            self.write_summary(tables, started, runtime, hybrid)
+        self.fabric.barrier()  # the ranks leave together: one exiting while rank 0 writes can abort its gloo teardown
+        return self.run_dir
+
+    def write_summary(self, tables: dict[str, RunTable], started: str, runtime: float,
+                      hybrid: dict[str, Any] | None) -> None:
+        """Rank 0's tables, plots and metadata.json, and the run's last log line."""
         metrics, evals = tables["metrics"].frame(), tables["eval"].frame()
         for table in tables.values():
             table.flush()
@@ -467,7 +473,6 @@ class Trainer:
                  "(policy/, checkpoints/, metrics.csv, eval.csv, samples.parquet, learning_curve.png, "
                  "curriculum.png, metadata.json)", self.step, runtime,
                  metadata["final_metrics"].get("reward_mean", float("nan")), acc, self.run_dir)
-        return self.run_dir
 
 
 def run(args: GRPOArgs) -> Path:
