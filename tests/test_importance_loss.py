@@ -11,10 +11,13 @@ from pipeline.errors import UserError
 from pipeline.importance.loss import (
     F_MAX,
     LIKELIHOODS,
+    OUTLIER_SHARE,
     best_constant_f,
     is_binary,
     pair_nll,
     resolve_likelihood,
+    robust,
+    validation_loss,
 )
 from pipeline.importance.metrics import N_BINS, ValidationStats, bootstrap_gain_ci
 
@@ -128,6 +131,62 @@ def test_bernoulli_or_gaussian_scores_each_pair_by_its_prompts_rewards():
     assert 0 < best_constant_f("bernoulli+gaussian", targets) < F_MAX  # a scalar f is spread over the pairs
 
 
+def _mixture_nll(f: float, z1: float, z2: float, share: float = OUTLIER_SHARE) -> float:
+    density = [multivariate_normal.pdf([z1, z2], mean=[0, 0], cov=[[1, c], [c, 1]]) for c in (f, 0.0)]
+    return -math.log((1 - share) * density[0] + share * density[1])
+
+
+def test_robust_gaussian_is_a_mixture_with_independent_sisters_and_bounds_a_wrong_pair():
+    rng = np.random.default_rng(3)
+    f = torch.tensor(rng.uniform(0, F_MAX, 300))
+    z = rng.normal(scale=1.5, size=(300, 2))
+    got = robust(LIKELIHOODS["gaussian"])(f, _z(z)).numpy()
+    np.testing.assert_allclose(got, [_mixture_nll(f[i].item(), *z[i]) for i in range(300)], rtol=1e-9)
+    # at f = 0 nothing changes; anywhere, a pair costs at most log(1 / share) more than at f = 0
+    at_zero = LIKELIHOODS["gaussian"](torch.zeros(300, dtype=torch.float64), _z(z)).numpy()
+    np.testing.assert_allclose(robust(LIKELIHOODS["gaussian"])(torch.zeros(300, dtype=torch.float64), _z(z)).numpy(),
+                               at_zero, rtol=1e-12)
+    assert (got <= at_zero + math.log(1 / OUTLIER_SHARE) + 1e-9).all()
+    # sisters 3 apart at the cap: the exact likelihood charges about 9 / (4 (1 - F_MAX)) = 225 nats, the robust one < 9
+    wrong = _z(np.array([[1.5, -1.5]]))
+    assert LIKELIHOODS["gaussian"](torch.tensor([F_MAX]), wrong).item() > 220
+    assert robust(LIKELIHOODS["gaussian"])(torch.tensor([F_MAX]), wrong).item() < 9
+
+
+@pytest.mark.parametrize("f", [0.0, 0.3, F_MAX])
+def test_robust_bernoulli_is_the_bernoulli_at_a_shrunk_f(f):
+    """The Bernoulli's probabilities are linear in f, so mixing in independence is shrinking f by the share."""
+    targets = {"r1": torch.tensor([1.0, 1.0, 0.0, 0.0]), "r2": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+               "p": torch.full((4,), 0.3, dtype=torch.float64)}
+    shrunk = torch.full((4,), (1 - OUTLIER_SHARE) * f, dtype=torch.float64)
+    got = robust(LIKELIHOODS["bernoulli"])(torch.full((4,), f, dtype=torch.float64), targets)
+    assert torch.allclose(got, LIKELIHOODS["bernoulli"](shrunk, targets), rtol=1e-12)
+
+
+def test_validation_loss_is_robust_for_the_likelihoods_and_the_moment_loss_as_it_is():
+    assert validation_loss("moment") is LIKELIHOODS["moment"]
+    targets = {"z1": torch.tensor([1.0, -1.0]), "z2": torch.tensor([1.0, 1.0]), "r1": torch.tensor([1.0, 0.0]),
+               "r2": torch.tensor([1.0, 1.0]), "p": torch.tensor([0.5, 0.5]), "binary": torch.tensor([0.0, 1.0])}
+    f = torch.tensor([0.9, 0.9])
+    for name in ("gaussian", "bernoulli", "bernoulli+gaussian"):
+        assert torch.allclose(validation_loss(name)(f, targets), robust(LIKELIHOODS[name])(f, targets))
+
+
+def test_validation_keeps_the_net_that_is_right_on_fifty_prompts_over_one_wrong_near_the_cap_on_one():
+    """The credit task's failure (docs/credit.md): a net right on 50 prompts but at the cap on a prompt whose
+    sisters then disagree, against a vaguer net. The exact likelihood prefers the vague net, the robust one not."""
+    rng = np.random.default_rng(4)
+    true_f = rng.uniform(0.05, 0.95, 500)
+    z1 = rng.normal(size=500)
+    z2 = true_f * z1 + np.sqrt(1 - true_f**2) * rng.normal(size=500)
+    z = np.concatenate([np.stack([z1, z2], 1), [[1.0, -1.0]] * 6])
+    sharp = torch.tensor(np.concatenate([true_f, [F_MAX] * 6]))
+    vague = torch.full((506,), 0.5, dtype=torch.float64)
+    exact, robust_loss = LIKELIHOODS["gaussian"], validation_loss("gaussian")
+    assert exact(sharp, _z(z)).mean() > exact(vague, _z(z)).mean()
+    assert robust_loss(sharp, _z(z)).mean() < robust_loss(vague, _z(z)).mean()
+
+
 def _batch(f, z1, z2, split, prompt_index, relative) -> dict[str, torch.Tensor]:
     z1, z2 = torch.tensor(z1), torch.tensor(z2)
     return {"z1": z1, "z2": z2, "r1": z1, "r2": z2, "p": torch.full_like(z1, 0.5),
@@ -144,10 +203,9 @@ def test_validation_stats_bins_and_gain():
     stats.update(f[2:], {k: v[2:] for k, v in batch.items()})
     stats.reduce(lambda t: t * 1)  # single device: the identity
     out = stats.summary()
-    zz1, zz2 = torch.tensor(z1, dtype=torch.float64), torch.tensor(z2, dtype=torch.float64)
-    nll = pair_nll(f.double(), zz1, zz2).mean().item()
-    baseline_f = torch.tensor([0.0, 0.5, 0.5, 0.5], dtype=torch.float64)  # the pinned start: f(0) = 0
-    base = pair_nll(baseline_f, zz1, zz2).mean().item()
+    nll = np.mean([_mixture_nll(c, a, b) for c, a, b in zip(f.tolist(), z1, z2, strict=True)])
+    baseline_f = [0.0, 0.5, 0.5, 0.5]  # the pinned start: f(0) = 0
+    base = np.mean([_mixture_nll(c, a, b) for c, a, b in zip(baseline_f, z1, z2, strict=True)])
     assert out["pairs"] == 4 and out["prompts"] == 3 and out["likelihood"] == "gaussian"
     assert out["loss"] == pytest.approx(nll) and out["baseline_loss"] == pytest.approx(base)
     assert out["gain"] == pytest.approx(base - nll)

@@ -20,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from pipeline.importance.data import TARGETS
-from pipeline.importance.loss import LIKELIHOODS, UNITS
+from pipeline.importance.loss import UNITS, validation_loss
 
 N_BINS = 10
 TABLES = ("calibration", "f_by_position")  # binned by predicted f; by t / len(completion)
@@ -50,11 +50,12 @@ class ValidationStats:
     """Sums over validation pairs; ``reduce`` adds those of other devices before ``summary``.
 
     The baseline is the best constant with the same pinned start: f(0) = 0, f(t) = baseline_f for t > 0.
+    Both are scored by the robust ``validation_loss``, so one prompt's confidently wrong pairs cannot decide.
     """
 
     def __init__(self, likelihood: str, baseline_f: float, n_prompts: int, device: torch.device | str = "cpu") -> None:
         self.likelihood, self.baseline_f = likelihood, baseline_f
-        self.loss_fn = LIKELIHOODS[likelihood]
+        self.loss_fn = validation_loss(likelihood)
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)  # pairs, sum loss, sum baseline loss
         self.by_prompt = torch.zeros(max(n_prompts, 1), 3, dtype=torch.float64, device=device)
         self.tables = {name: torch.zeros(N_BINS, 3, dtype=torch.float64, device=device) for name in TABLES}
