@@ -167,7 +167,7 @@ def test_a_drifted_default_fails(tmp_path):
     """The check itself: a wrong default, an unknown option, a row with too few defaults, an unmapped table."""
     (tmp_path / "docs").mkdir()
     doc = tmp_path / "docs" / "importance.md"
-    doc.write_text("## Usage\n\n| option | default | meaning |\n|---|---|---|\n| `--lr`, `--batch_size` | 0.001, 16 | x |\n"
+    doc.write_text("## Usage\n\n| option | default | meaning |\n|---|---|---|\n| `--lr`, `--batch_size` | 0.0005, 16 | x |\n"
                    "| `--rollouts` | required | x |\n| `--backbone` | dump's `model_name` | x |\n"
                    "| `--lr_head` | 1 | x |\n| `--last_k`, `--lora_r` | 1 | x |\n| `--resume` | off (a flag) | x |\n")
     rows = option_rows(doc, tmp_path)

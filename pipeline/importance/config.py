@@ -29,7 +29,7 @@ class ImportanceArgs:
     max_epochs: int = 20
     patience: int = 5  # 0: no early stopping
     per_device_train_batch_size: int = 32  # pairs per batch on each device (formerly batch_size)
-    lr: float = 1e-3
+    lr: float = 5e-4  # 1e-3 until 2026-12-08: on the credit task it kept worse epochs (docs/credit.md)
     ema_decay: float = 0.99  # validate, keep and export an EMA of the weights (docs/importance.md); 0: the raw weights
     max_grad_norm: float = 1.0  # clip the gradient's global norm to this, as TRL's max_grad_norm; 0: no clipping
     weight_decay: float = 0.01
