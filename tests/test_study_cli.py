@@ -11,9 +11,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline.importance.config import ImportanceArgs
+from pipeline.stage1 import Stage1Args
 from pipeline.study.config import load_study
 from pipeline.study.execution import prepare
 from pipeline.study.grid import build_plan
+from pipeline.study.stages import command
 from run_study import main
 
 SEEDS = list(range(8))
@@ -94,6 +97,24 @@ def test_a_study_grows_by_arms_and_seeds(tiny_model_dir, tmp_path):
     assert "(differs in: arms)" in _one_error_line(_invoke("--study", str(changed), "--aggregate"))
     fewer = _study(tmp_path, tiny_model_dir, arms={"none": {}, "delta": {"softmask": "delta"}}, seeds=[1])
     assert "(differs in: seeds)" in _one_error_line(_invoke("--study", str(fewer), "--aggregate"))
+
+
+def test_the_shared_stages_are_named_by_every_value_they_run_with(tiny_model_dir, tmp_path, monkeypatch):
+    """A default spelt out names the same dump and net; another value, or a default that changed since the study
+    last ran (here stage 2's --lr), names a new one, so a study never resumes a net made with the old default."""
+    def names(**changes) -> tuple[str, str]:
+        plan = build_plan(load_study(_study(tmp_path, tiny_model_dir, **changes)))
+        return plan.stage1.output.name, plan.stage2.output.name
+
+    default = names()
+    assert names(stage1={"temperature": Stage1Args.temperature}, stage2={"lr": ImportanceArgs.lr}) == default
+    assert names(stage1={"temperature": 0.7})[0] != default[0]
+    other_lr = names(stage2={"lr": 3 * ImportanceArgs.lr})
+    assert other_lr[0] == default[0] and other_lr[1] != default[1]
+    lr = next(param for param in command("stage2").params if param.name == "lr")
+    monkeypatch.setattr(lr, "default", 2 * ImportanceArgs.lr)
+    changed_default = names()
+    assert changed_default[0] == default[0] and changed_default[1] not in (default[1], other_lr[1])
 
 
 def _fake_export(tmp_path: Path, gain: float) -> Path:
