@@ -255,11 +255,11 @@ def run(args: ImportanceArgs, feature_cache: FeatureCache | None = None) -> dict
         _check_run_dir(run_dir, args.resume, recorded)
     resume_from = _checkpoints(run_dir)[-1] if args.resume and _checkpoints(run_dir) else None
 
-    log.info("rollouts '%s': %s", rollouts, version)
     L.seed_everything(args.seed, verbose=False)
     dm = PairDataModule(rollouts, args.reward_key, args.group_stats, args.val_fraction,
                         args.per_device_train_batch_size, args.seed)
     dm.setup()
+    log.info("rollouts '%s': %s", rollouts, version)  # after loading: bad input stays one line
     if dm.max_token_id() >= len(tokenizer):
         raise UserError(f"rollouts '{rollouts}' hold token id {dm.max_token_id()}, beyond backbone '{backbone}''s "
                         f"vocabulary of {len(tokenizer)}: pass the rollout model as --backbone")
