@@ -71,10 +71,10 @@ class StudyPlan:
         return self.export.parent if self.export is not None else None
 
 
-def _name(study: Study, stage: str, options: dict[str, Any]) -> str:
-    """``<study>-<digest>`` of every value the stage will run with, its defaults included: a default that
-    changes between releases names a new dump or net, rather than the study resuming one made with the old."""
-    resolved = stages.parse(stage, options, stage)
+def _name(study: Study, resolved: dict[str, Any]) -> str:
+    """``<study>-<digest>`` of every value a stage will run with (``stages.parse``), its defaults included: a
+    default that changes between releases names a new dump or net, rather than the study reusing one made
+    with the old."""
     return f"{study.name}-{hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
 
 
@@ -82,9 +82,9 @@ def _plan_stage1(study: Study, configs: Path, out_dir: Path) -> SharedStage:
     from pipeline.stage1 import Stage1Args, dump_dir
 
     options = {**study.stage1, "model_name": study.model_name, "task_name": study.task_name, "out_dir": str(out_dir)}
-    if "tag" not in options:  # the dump's path, known before it exists
-        options["tag"] = _name(study, "stage1", options)
     params = stages.parse("stage1", options, "stage1")
+    if "tag" not in options:  # the dump's path, known before it exists
+        options["tag"] = params["tag"] = _name(study, params)
     return SharedStage(configs / "stage1.yaml", options, dump_dir(Stage1Args(**params)).resolve())
 
 
@@ -92,7 +92,7 @@ def _plan_stage2(study: Study, configs: Path, rollouts: Path) -> SharedStage:
     from pipeline.importance.train import default_run_dir
 
     options = {**study.stage2, "rollouts": str(rollouts)}
-    run_name = _name(study, "stage2", options)
+    run_name = _name(study, stages.parse("stage2", options, "stage2"))
     options.update(run_name=run_name, resume=True)
     return SharedStage(configs / "stage2.yaml", options, default_run_dir(rollouts, run_name, None))
 
